@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Llama-family checkpoints and LongLLaMA (installed as `longllama.conversion`)."""

@@ -1,0 +1,17 @@
+"""LongLLaMA: the Focused Transformer (arXiv 2307.03170) on Hugging Face transformers.
+
+`import longllama` registers the `"longllama"` model type with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`,
+so LongLLaMA checkpoints (ours and the published ones) load with our classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .modeling import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel
+
+AutoConfig.register(LongLlamaConfig.model_type, LongLlamaConfig, exist_ok=True)
+AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
+AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = ["LongLlamaCache", "LongLlamaConfig", "LongLlamaForCausalLM", "LongLlamaModel", "__version__"]
