@@ -68,7 +68,7 @@ def eager_memory_attention_forward(
             q = query[:, h0 : h0 + heads_per_group, q0 : q0 + queries_per_group]
             scores = torch.matmul(q, keys[:, h0 : h0 + heads_per_group].transpose(2, 3)) * scaling
             scores = scores.masked_fill(~visible[:, :, q0 : q0 + queries_per_group], fill)
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+            probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
             out[:, h0 : h0 + heads_per_group, q0 : q0 + queries_per_group] = probs @ values[:, h0 : h0 + heads_per_group]
     return out.transpose(1, 2).contiguous(), None
 
@@ -96,30 +96,32 @@ def blockwise_memory_attention_forward(
     memory in blocks of `block_size` keys. Never materialises `[t x M]` scores; same result as the eager kernel."""
     B, H, t, D = query.shape
     Hkv = key.shape[1]
-    q = _group_queries(query, Hkv)  # [B, Hkv, g*t, D]
+    q = _group_queries(query * scaling, Hkv)  # [B, Hkv, g*t, D]
     rows = q.shape[2]
+    acc_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 (or fp64)
 
     # local block: causal + padding mask, shared by the g query heads of a KV head
-    scores = torch.matmul(q, key.transpose(2, 3)).float() * scaling  # [B, Hkv, g*t, n]
+    scores = torch.matmul(q, key.transpose(2, 3)).to(acc_dtype)  # [B, Hkv, g*t, n]
     scores.view(B, Hkv, rows // t, t, -1).masked_fill_(~visible[:, :, None], MASK_VALUE)
     running_max = scores.amax(dim=-1, keepdim=True)  # [B, Hkv, g*t, 1]
     probs = torch.exp(scores - running_max)
     denominator = probs.sum(dim=-1, keepdim=True)
-    acc = torch.matmul(probs.to(value.dtype), value).float()  # [B, Hkv, g*t, D]
+    acc = torch.matmul(probs.to(value.dtype), value).to(acc_dtype)  # [B, Hkv, g*t, D]
 
     if memory is not None:
         mem_key, mem_value, mem_valid = memory
         block = block_size or max(MIN_BLOCK, BLOCK_SCORE_ELEMENTS // max(1, B * Hkv * rows))
         for m0 in range(0, mem_key.shape[2], block):
-            k = mem_key[:, :, m0 : m0 + block].to(q.dtype)
-            scores = torch.matmul(q, k.transpose(2, 3)).float() * scaling  # [B, Hkv, g*t, block]
-            scores.masked_fill_(~mem_valid[:, None, None, m0 : m0 + block], MASK_VALUE)
+            scores = torch.matmul(q, mem_key[:, :, m0 : m0 + block].to(q.dtype).transpose(2, 3)).to(acc_dtype)
+            valid = mem_valid[:, m0 : m0 + block]
+            if not bool(valid.all()):
+                scores.masked_fill_(~valid[:, None, None, :], MASK_VALUE)
             block_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
             correction = torch.exp(running_max - block_max)
-            probs = torch.exp(scores - block_max)
+            probs = torch.exp(scores - block_max)  # [B, Hkv, g*t, block]
             denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
             v = mem_value[:, :, m0 : m0 + block].to(value.dtype)
-            acc = acc * correction + torch.matmul(probs.to(value.dtype), v).float()
+            acc = acc * correction + torch.matmul(probs.to(value.dtype), v).to(acc_dtype)
             running_max = block_max
 
     out = (acc / denominator).to(query.dtype)

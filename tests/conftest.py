@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random LongLLaMA models (no downloads; everything is built in-process)."""
+
+import pytest
+import torch
+
+from longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+
+def tiny_config(**overrides) -> LongLlamaConfig:
+    """vocab 99, hidden 32, 4 layers, 4 heads, memory in layer 1, window 8, last_context_length 4."""
+    fields = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=8,
+        last_context_length=4,
+        mem_layers=[1],
+        mem_dtype="float32",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return LongLlamaConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> LongLlamaForCausalLM:
+    """A random fp32 LongLlamaForCausalLM in eval mode, with weights larger than the default init so that
+    attention is far from uniform and mistakes show up in the logits."""
+    torch.manual_seed(seed)
+    model = LongLlamaForCausalLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("proj.weight") or "embed" in name or "lm_head" in name:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()

@@ -1,0 +1,485 @@
+"""LongLlamaForCausalLM.forward against the float64 reference of SPEC section 2 (tests/reference.py),
+against transformers' LlamaForCausalLM (the drop-in property), and its argument handling.
+
+Tiny models (conftest.tiny_model): vocab 99, hidden 32, 4 layers, 4 heads, memory in layer 1, window W=8,
+last_context_length L=4, mem_dtype float32 unless a test says otherwise.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from reference import RefConfig, reference_forward
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from longllama import LongLlamaCache
+from longllama.modeling.attention_longllama import (
+    blockwise_memory_attention_forward,
+    eager_memory_attention_forward,
+    sdpa_memory_attention_forward,
+)
+
+ATOL = 1e-4  # fp32 model vs float64 reference (SPEC: compatible within 1e-4 on logits)
+W, L = 8, 4  # window and last_context_length of tiny_config
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The tensors here are tiny: intra-op threads only add overhead (several-fold on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 99) -> torch.Tensor:
+    """Token ids in [3, vocab): never pad (0), bos (1) or eos (2)."""
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def make_model(seed: int = 0, proj_std: float | None = None, **overrides):
+    """tiny_model, optionally with the projection weights redrawn at `proj_std`. Wide models (hidden 200) at the
+    fixture's std 0.3 have attention scores of size ~20 and are so ill-conditioned that fp32 rounding alone moves
+    logits by ~1e-3; a std scaled like 1/sqrt(hidden) keeps them comparable to the hidden-32 model."""
+    model = tiny_model(seed, **overrides)
+    if proj_std is not None:
+        torch.manual_seed(seed + 1000)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("proj.weight"):
+                    param.normal_(0.0, proj_std)
+    return model
+
+
+def float64_state_dict(model):
+    return {k: v.double() for k, v in model.state_dict().items()}
+
+
+def reference(model, input_ids, **kwargs):
+    """Reference logits [B, T, V] (float64) of a fresh session, for `model`'s weights and config."""
+    logits, _ = reference_forward(float64_state_dict(model), RefConfig.from_hf(model.config), input_ids, **kwargs)
+    return logits
+
+
+def logits_of(model, input_ids, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids, **kwargs).logits
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def llama_twin(model, attn_implementation: str) -> LlamaForCausalLM:
+    """A transformers LlamaForCausalLM with the same fields and the same state dict (strict load)."""
+    cfg = model.config
+    llama_config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(cfg.rope_parameters),
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        attn_implementation=attn_implementation,
+    )
+    llama = LlamaForCausalLM(llama_config).eval()
+    llama.load_state_dict(model.state_dict(), strict=True)
+    return llama
+
+
+def left_pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenizer-style left padding with pad id 0: (input_ids [B, length], attention_mask [B, length])."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row) :] = row
+        mask[b, length - len(row) :] = 1
+    return ids, mask
+
+
+# --------------------------------------------------------------------------- 1. forward vs reference
+
+FORWARD_CASES = {
+    # name: (model overrides, batch, T, extra forward kwargs)
+    "tiny": (dict(), 1, 37, {}),
+    "gqa": (dict(num_key_value_heads=2), 1, 37, {}),
+    "head_dim_100": (dict(hidden_size=200, num_attention_heads=2, num_key_value_heads=2, proj_std=0.1), 1, 29, {}),
+    "three_memory_layers": (dict(mem_layers=[0, 2, 3]), 1, 37, {}),
+    "no_mem_positionals": (dict(mem_positionals=False), 1, 37, {}),
+    "no_memory_layers": (dict(mem_layers=[]), 1, 29, {}),
+    "eleven_windows": (dict(), 1, L + 10 * W + 3, {}),  # 11 windows of W then the final window of L
+    "T_below_L": (dict(), 1, 3, {}),
+    "T_equals_L": (dict(), 1, L, {}),
+    "T_not_multiple_of_window": (dict(), 1, L + 2 * W + 5, {}),
+    "batch_3": (dict(num_key_value_heads=2), 3, 29, {}),
+    "L_above_window_config": (dict(last_context_length=12), 2, 30, {}),
+    "L_above_window_per_call": (dict(), 1, 30, dict(last_context_length=20)),
+    "L_per_call_overrides_config": (dict(last_context_length=12), 1, 30, dict(last_context_length=6)),
+}
+
+
+@pytest.mark.parametrize("case", list(FORWARD_CASES), ids=list(FORWARD_CASES))
+def test_forward_matches_reference(case):
+    overrides, batch, length, call = FORWARD_CASES[case]
+    model = make_model(**overrides)
+    ids = random_ids(batch, length, seed=1)
+    err = max_err(logits_of(model, ids, **call), reference(model, ids, **call))
+    assert err < ATOL, f"{case}: max |logits - reference| = {err:.3g}"
+
+
+def test_per_call_last_context_length_changes_the_result():
+    """The override of the previous test is not vacuous: another L gives other logits (other windows)."""
+    model = make_model()
+    ids = random_ids(1, 30, seed=1)
+    assert max_err(logits_of(model, ids, last_context_length=6), logits_of(model, ids)) > 1e-2
+
+
+def test_memory_changes_logits_beyond_last_context_length():
+    """Sanity for the whole file: beyond L the memory model is not a plain Llama (the reference tests have teeth)."""
+    model = make_model()
+    ids = random_ids(1, 29, seed=1)
+    llama_logits = logits_of(llama_twin(model, "eager"), ids)
+    assert max_err(logits_of(model, ids)[:, -L:], llama_logits[:, -L:]) > 1e-2
+
+
+def test_without_memory_layers_the_final_window_ignores_earlier_tokens():
+    """mem_layers=[]: nothing crosses a window boundary (SPEC 2.2), so the final window equals a forward of its
+    L tokens alone."""
+    model = make_model(mem_layers=[])
+    ids = random_ids(2, 29, seed=1)
+    err = max_err(logits_of(model, ids)[:, -L:], logits_of(model, ids[:, -L:]))
+    assert err < 1e-5
+
+
+def test_bfloat16_memory_matches_reference():
+    """mem_dtype bfloat16 (the published default): the reference rounds memory the same way."""
+    model = make_model(mem_dtype="bfloat16")
+    ids = random_ids(1, 37, seed=1)
+    err = max_err(logits_of(model, ids), reference(model, ids))
+    assert err < 2e-3
+
+
+def test_bfloat16_memory_rounding_is_applied():
+    """The same weights with float32 memory give visibly different logits: bf16 rounding really happens."""
+    bf16 = make_model(mem_dtype="bfloat16")
+    fp32 = make_model(mem_dtype="float32")
+    fp32.load_state_dict(bf16.state_dict())
+    ids = random_ids(1, 37, seed=1)
+    assert max_err(logits_of(bf16, ids), logits_of(fp32, ids)) > 1e-3
+
+
+# --------------------------------------------------------------------------- 2. memory kernels
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "eager", "sdpa"])
+def test_memory_kernel_matches_reference(implementation):
+    model = make_model(mem_attention_implementation=implementation, num_key_value_heads=2, mem_layers=[0, 2])
+    ids = random_ids(2, 61, seed=2)
+    err = max_err(logits_of(model, ids), reference(model, ids))
+    assert err < ATOL, f"{implementation}: {err:.3g}"
+
+
+@pytest.mark.parametrize("grouping", [[1, 3], [2, 1], [4, 5]])
+def test_eager_grouping_is_a_no_op(grouping):
+    """mem_attention_grouping only splits the computation: same logits as ungrouped eager."""
+    grouped = make_model(mem_attention_implementation="eager", mem_attention_grouping=grouping, num_key_value_heads=2)
+    plain = make_model(mem_attention_implementation="eager", num_key_value_heads=2)
+    plain.load_state_dict(grouped.state_dict())
+    ids = random_ids(1, 45, seed=2)
+    assert max_err(logits_of(grouped, ids), logits_of(plain, ids)) < 1e-5
+
+
+def _kernel_inputs(heads, kv_heads, memory_length, seed=0):
+    """Random kernel inputs with left padding in the local context and invalid entries in memory."""
+    g = torch.Generator().manual_seed(seed)
+    B, t, n, D = 2, 5, 9, 8
+    query = torch.randn(B, heads, t, D, generator=g) * 2
+    key = torch.randn(B, kv_heads, n, D, generator=g) * 2
+    value = torch.randn(B, kv_heads, n, D, generator=g)
+    local_valid = torch.ones(B, n, dtype=torch.bool)
+    local_valid[0, :6] = False  # row 0 left-padded: its first query (local index 4) sees nothing locally
+    causal = torch.arange(n)[None, :] <= torch.arange(n - t, n)[:, None]
+    visible = causal[None, None] & local_valid[:, None, None, :]
+    memory = None
+    if memory_length:
+        mem_key = torch.randn(B, kv_heads, memory_length, D, generator=g) * 2
+        mem_value = torch.randn(B, kv_heads, memory_length, D, generator=g)
+        mem_valid = torch.ones(B, memory_length, dtype=torch.bool)
+        mem_valid[0, : memory_length // 2] = False  # padding stored in memory
+        mem_valid[1, -1] = False
+        memory = (mem_key, mem_value, mem_valid)
+    return query, key, value, visible, memory
+
+
+KERNELS = {
+    "blockwise_block2": lambda *a, **k: blockwise_memory_attention_forward(*a, block_size=2, **k),
+    "blockwise_block3": lambda *a, **k: blockwise_memory_attention_forward(*a, block_size=3, **k),
+    "sdpa": sdpa_memory_attention_forward,
+    "eager_grouped": lambda *a, **k: eager_memory_attention_forward(*a, grouping=[1, 2], **k),
+}
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize(
+    "heads,kv_heads,memory_length", [(4, 4, 7), (4, 2, 7), (6, 2, 5), (4, 1, 9), (4, 2, 0)], ids=str
+)
+def test_kernel_matches_eager_kernel(kernel, heads, kv_heads, memory_length):
+    """Each kernel on the same random tensors (GQA, padding locally and in memory, memory of odd length so the last
+    block is partial) equals the published eager computation."""
+    query, key, value, visible, memory = _kernel_inputs(heads, kv_heads, memory_length)
+    scaling = query.shape[-1] ** -0.5
+    expected, _ = eager_memory_attention_forward(None, query, key, value, visible, memory=memory, scaling=scaling)
+    actual, _ = KERNELS[kernel](None, query, key, value, visible, memory=memory, scaling=scaling)
+    assert actual.shape == expected.shape == (2, 5, heads, 8)
+    # Only queries that are real tokens: a padding query of row 0 sees nothing at all without memory, and the
+    # kernels are free to differ there (sdpa adds the mask instead of replacing scores); nothing reads it.
+    real_query = visible[:, 0].any(-1)  # [B, t]
+    assert max_err(actual[real_query], expected[real_query]) < 1e-5
+
+
+# --------------------------------------------------------------------------- 3. drop-in for LlamaForCausalLM
+
+DROP_IN_CASES = {
+    # name: (model overrides, T); T <= last_context_length in every case
+    "T_equals_L": (dict(), L),
+    "single_token": (dict(), 1),
+    "gqa": (dict(num_key_value_heads=2, mem_layers=[0, 3]), L),
+    "no_memory_layers": (dict(mem_layers=[]), 3),
+    "L_above_window": (dict(mem_layers=[1, 2], last_context_length=12), 12),
+    "L_above_window_no_memory": (dict(mem_layers=[], last_context_length=12), 10),
+}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(DROP_IN_CASES), ids=list(DROP_IN_CASES))
+def test_drop_in_for_llama(case, attn_implementation):
+    overrides, length = DROP_IN_CASES[case]
+    model = make_model(**overrides)
+    llama = llama_twin(model, attn_implementation)
+    ids = random_ids(2, length, seed=3)
+    assert max_err(logits_of(model, ids), logits_of(llama, ids)) < 1e-5
+
+
+# --------------------------------------------------------------------------- 4. left padding
+
+
+def _padded_batch(real_length, pad, seed=4):
+    """Row 0: `real_length` tokens left-padded by `pad`; row 1: `real_length + pad` unpadded tokens."""
+    row0 = random_ids(1, real_length, seed=seed)[0]
+    row1 = random_ids(1, real_length + pad, seed=seed + 1)[0]
+    ids, mask = left_pad([row0, row1], real_length + pad)
+    return ids, mask, row0
+
+
+PADDING_CASES = {
+    # name: (model overrides, real length of row 0, padding of row 0)
+    "T_below_L": (dict(), 2, 2),
+    "T_below_L_above_window": (dict(last_context_length=12), 7, 5),
+    "pad_one_window": (dict(), 21, W),  # whole windows of padding: the window cut of the real tokens is unchanged
+    "pad_two_windows_gqa": (dict(num_key_value_heads=2, mem_layers=[0, 2]), 13, 2 * W),
+}
+
+
+@pytest.mark.parametrize("case", list(PADDING_CASES) + ["pad_changes_window_cut"])
+def test_left_padded_batch_matches_reference(case):
+    overrides, real_length, pad = PADDING_CASES.get(case, (dict(), 22, 3))
+    model = make_model(**overrides)
+    ids, mask, _ = _padded_batch(real_length, pad)
+    logits = logits_of(model, ids, attention_mask=mask)
+    expected = reference(model, ids, attention_mask=mask)
+    real = mask.bool()
+    assert max_err(logits[real], expected[real]) < ATOL
+
+
+@pytest.mark.parametrize("case", list(PADDING_CASES))
+def test_left_padded_row_equals_row_alone(case):
+    """When padding leaves the window cut of the real tokens unchanged (T <= L, or whole windows of padding), a
+    left-padded row computes exactly what the row computes alone (positions count from its first real token)."""
+    overrides, real_length, pad = PADDING_CASES[case]
+    model = make_model(**overrides)
+    ids, mask, row0 = _padded_batch(real_length, pad)
+    padded = logits_of(model, ids, attention_mask=mask)[0, pad:]
+    alone = logits_of(model, row0[None])[0]
+    assert max_err(padded, alone) < ATOL
+
+
+def test_left_padded_continuation_equals_row_alone():
+    """A continuing session (memory already written) gets new tokens with row 0 left-padded; HF-style position ids
+    (cumsum of the whole-session mask). Row 0's real tokens equal row 0's session continued alone."""
+    model = make_model(num_key_value_heads=2)
+    history = random_ids(2, 21, seed=5)
+    new0, new1 = random_ids(1, 2, seed=6)[0], random_ids(1, 4, seed=7)[0]
+    new_ids, new_mask = left_pad([new0, new1], 4)
+    full_mask = torch.cat([torch.ones(2, 21, dtype=torch.long), new_mask], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, -4:]
+    with torch.no_grad():
+        batch_cache = model(history, use_cache=True).cache
+        padded = model(new_ids, attention_mask=full_mask, position_ids=positions, cache=batch_cache).logits[0, 2:]
+        alone_cache = model(history[:1], use_cache=True).cache
+        alone = model(new0[None], cache=alone_cache).logits[0]
+    assert max_err(padded, alone) < ATOL
+
+
+# --------------------------------------------------------------------------- 5. logits_to_keep
+
+PROMPT = L + 5 * W  # 6 windows
+
+
+@pytest.mark.parametrize(
+    "to_keep",
+    [1, 5, 13, PROMPT, torch.tensor([0, 7, 20, PROMPT - 1]), torch.tensor([PROMPT - 1, 3, 3]), torch.tensor([-1, 9])],
+    ids=["k1", "k5", "k13", "kT", "positions", "unsorted_repeated", "negative"],
+)
+def test_logits_to_keep_is_a_slice_of_full_logits(to_keep):
+    model = make_model()
+    ids = random_ids(2, PROMPT, seed=8)
+    full = logits_of(model, ids)
+    expected = full[:, -to_keep:] if isinstance(to_keep, int) else full[:, to_keep]
+    kept = logits_of(model, ids, logits_to_keep=to_keep)
+    assert kept.shape == expected.shape
+    assert max_err(kept, expected) < 1e-6
+
+
+def test_logits_to_keep_with_output_hidden_states_is_still_a_slice():
+    """As in LlamaForCausalLM, logits_to_keep slices the logits even when all hidden states are returned."""
+    model = make_model()
+    ids = random_ids(1, 21, seed=8)
+    with torch.no_grad():
+        out = model(ids, logits_to_keep=1, output_hidden_states=True)
+    assert out.logits.shape == (1, 1, 99)
+
+
+@pytest.mark.parametrize("to_keep,upper_calls", [(1, 1), (0, PROMPT // W + 1)], ids=["keep1", "keep_all"])
+def test_layers_above_top_memory_layer_are_skipped(to_keep, upper_calls):
+    """SPEC 5: with only the last logits requested, non-final windows stop after the top memory layer (layer 1);
+    the layers below still run once per window (6 windows)."""
+    model = make_model()
+    calls = {i: 0 for i in range(4)}
+    hooks = [
+        layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        logits_of(model, random_ids(1, PROMPT, seed=8), logits_to_keep=to_keep)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    windows = PROMPT // W + 1
+    assert calls == {0: windows, 1: windows, 2: upper_calls, 3: upper_calls}
+
+
+# --------------------------------------------------------------------------- 6. labels
+
+
+def test_loss_is_shifted_cross_entropy():
+    model = make_model()
+    ids = random_ids(2, 21, seed=9)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        out = model(ids, labels=labels)
+    V = out.logits.shape[-1]
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert abs(out.loss.item() - expected.item()) < 1e-5
+
+
+@pytest.mark.parametrize("to_keep", [1, torch.tensor([0, 1])], ids=["int", "tensor"])
+def test_labels_with_logits_to_keep_raise(to_keep):
+    model = make_model()
+    ids = random_ids(1, 6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=to_keep)
+
+
+# --------------------------------------------------------------------------- 7. hidden states
+
+
+def test_output_hidden_states_shapes():
+    model = make_model()
+    ids = random_ids(2, 29, seed=10)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+    assert [tuple(s.shape) for s in states] == [(2, 29, 32)] * 5
+
+
+def test_output_hidden_states_first_is_embeddings_last_is_final_state():
+    model = make_model()
+    ids = random_ids(2, 29, seed=10)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        last = model.model(ids).last_hidden_state
+        embeddings = model.model.embed_tokens(ids)
+    assert max_err(states[0], embeddings) == 0 and max_err(states[-1], last) < 1e-6
+
+
+# --------------------------------------------------------------------------- 8. bad input
+
+
+def _other_layout_cache():
+    other = make_model(mem_layers=[2])
+    with torch.no_grad():
+        return other(random_ids(1, 5), use_cache=True).cache
+
+
+def _batch_two_cache(model):
+    with torch.no_grad():
+        return model(random_ids(2, 5), use_cache=True).cache
+
+
+def _llama_dynamic_cache(model):
+    with torch.no_grad():
+        return llama_twin(model, "eager")(random_ids(1, 5), use_cache=True).cache
+
+
+BAD_INPUTS = {
+    # name: (call(model, ids) -> None, message regex)
+    "mask_wrong_length": (lambda m, ids: m(ids, attention_mask=torch.ones(1, 7)), "attention_mask has 7 columns"),
+    "mask_3d": (lambda m, ids: m(ids, attention_mask=torch.ones(1, 1, 5)), "2-D"),
+    "cache_of_other_layout": (lambda m, ids: m(ids, cache=_other_layout_cache()), "different layout"),
+    "cache_other_batch_size": (lambda m, ids: m(ids, cache=_batch_two_cache(m)), "batch size 2"),
+    "cache_without_use_cache": (lambda m, ids: m(ids, cache=_batch_two_cache(m), use_cache=False), "use_cache"),
+    "last_context_length_zero": (lambda m, ids: m(ids, last_context_length=0), "last_context_length=0"),
+    "output_attentions": (lambda m, ids: m(ids, output_attentions=True), "output_attentions"),
+    "ids_and_embeds": (lambda m, ids: m(ids, inputs_embeds=m.model.embed_tokens(ids)), "exactly one"),
+    "no_ids_no_embeds": (lambda m, ids: m(attention_mask=torch.ones(1, 5)), "exactly one"),
+    "dynamic_cache": (lambda m, ids: m(ids, cache=_llama_dynamic_cache(m)), "LongLlamaCache"),
+    "position_ids_wrong_shape": (lambda m, ids: m(ids, position_ids=torch.arange(4)[None]), "position_ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_value_error(case):
+    call, message = BAD_INPUTS[case]
+    model = make_model()
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        call(model, random_ids(1, 5, seed=11))
+
+
+def test_cache_type_check_is_meaningful():
+    """The DynamicCache above is really non-empty (the error is not about an empty cache)."""
+    cache = _llama_dynamic_cache(make_model())
+    assert cache.get_seq_length() == 5 and not isinstance(cache, LongLlamaCache)
+
+
+# --------------------------------------------------------------------------- 9. inputs_embeds
+
+
+@pytest.mark.parametrize("length", [3, 37])
+def test_inputs_embeds_equals_input_ids(length):
+    model = make_model()
+    ids = random_ids(2, length, seed=12)
+    with torch.no_grad():
+        from_embeds = model(inputs_embeds=model.model.embed_tokens(ids)).logits
+    assert max_err(from_embeds, logits_of(model, ids)) < 1e-6
