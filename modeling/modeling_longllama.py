@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin, MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import (
@@ -449,7 +449,24 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
                 f"num_beams={num_beams}: beam search is not supported by LongLLaMA yet. "
                 "Use greedy decoding or sampling (num_beams=1)."
             )
+        config = generation_config or self.generation_config
+        if (
+            kwargs.get("max_length") is None
+            and kwargs.get("max_new_tokens") is None
+            and config.max_new_tokens is None
+            and config.max_length == GenerationConfig().max_length
+        ):
+            # transformers' default: 20 new tokens, capped at max_position_embeddings in total; here that is only the
+            # window size, not a length limit, so keep the 20 new tokens
+            kwargs["max_new_tokens"] = config.max_length
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None  # the window is not a length limit: no "exceeded" warning
+        return criteria
 
 
 LongLlamaConfig.register_for_auto_class()
