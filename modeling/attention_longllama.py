@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 MASK_VALUE = -1e6
-# Memory keys per block in the blockwise kernel are chosen so that one block of scores holds about this many floats.
-BLOCK_SCORE_ELEMENTS = 1 << 23
+# Memory keys per block of the blockwise kernel: one block of keys (fp32, all KV heads) holds about this many floats.
+BLOCK_SCORE_ELEMENTS = 1 << 24
 MIN_BLOCK = 256
+FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def mask_value(dtype: torch.dtype) -> float:
@@ -89,43 +90,63 @@ def sdpa_memory_attention_forward(module, query, key, value, visible, memory=Non
     return out.transpose(1, 2).contiguous(), None
 
 
+def _attend(query, key, value, bias, scaling):
+    """Softmax attention of `query` [B, h, r, D] over `key`/`value` [B, h, m, D] with an additive `bias`
+    (broadcastable to [B, h, r, m], or None). Returns `(out [B, h, r, D], lse [B, h, r])`, lse = log-sum-exp of the
+    scores, so that blocks can be merged exactly."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    if query.device.type == "cpu" and query.dtype in FLASH_CPU_DTYPES and not grad:
+        # the fused CPU flash kernel returns the log-sum-exp too (its lse has no gradient, hence not when training)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=bias, scale=scaling
+        )
+    acc_dtype = torch.promote_types(query.dtype, torch.float32)
+    scores = torch.matmul(query * scaling, key.transpose(2, 3)).to(acc_dtype)  # [B, h, r, m]
+    if bias is not None:
+        scores = scores + bias
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.matmul(torch.exp(scores - lse).to(value.dtype), value)
+    return out, lse.squeeze(-1)
+
+
+def _merge(out, lse, block_out, block_lse):
+    """Combine two partial softmax results over disjoint key sets (outputs [..., r, D], log-sum-exps [..., r])."""
+    total = torch.logaddexp(lse, block_lse)
+    out = out * torch.exp(lse - total)[..., None] + block_out * torch.exp(block_lse - total)[..., None]
+    return out, total
+
+
 def blockwise_memory_attention_forward(
     module, query, key, value, visible, memory=None, scaling=1.0, block_size=None, **kwargs
 ):
-    """One softmax computed block by block with a running log-sum-exp: the local context is the first block, then
+    """One softmax computed block by block and merged by log-sum-exp: the local context is the first block, then
     memory in blocks of `block_size` keys. Never materialises `[t x M]` scores; same result as the eager kernel."""
     B, H, t, D = query.shape
     Hkv = key.shape[1]
-    q = _group_queries(query * scaling, Hkv)  # [B, Hkv, g*t, D]
-    rows = q.shape[2]
-    acc_dtype = torch.promote_types(query.dtype, torch.float32)  # softmax statistics in fp32 (or fp64)
-
-    # local block: causal + padding mask, shared by the g query heads of a KV head
-    scores = torch.matmul(q, key.transpose(2, 3)).to(acc_dtype)  # [B, Hkv, g*t, n]
-    scores.view(B, Hkv, rows // t, t, -1).masked_fill_(~visible[:, :, None], MASK_VALUE)
-    running_max = scores.amax(dim=-1, keepdim=True)  # [B, Hkv, g*t, 1]
-    probs = torch.exp(scores - running_max)
-    denominator = probs.sum(dim=-1, keepdim=True)
-    acc = torch.matmul(probs.to(value.dtype), value).to(acc_dtype)  # [B, Hkv, g*t, D]
+    acc_dtype = torch.promote_types(query.dtype, torch.float32)
+    bias = torch.zeros(visible.shape, dtype=acc_dtype, device=query.device)
+    bias.masked_fill_(~visible, MASK_VALUE)  # [B, 1, t, n]
+    groups = H // Hkv
+    out, lse = _attend(query, _repeat_kv(key, groups), _repeat_kv(value, groups), bias, scaling)
+    out = out.to(acc_dtype)  # [B, H, t, D]
 
     if memory is not None:
         mem_key, mem_value, mem_valid = memory
-        block = block_size or max(MIN_BLOCK, BLOCK_SCORE_ELEMENTS // max(1, B * Hkv * rows))
+        q = _group_queries(query, Hkv)  # [B, Hkv, g*t, D]: memory is read once per KV head
+        block = block_size or max(MIN_BLOCK, BLOCK_SCORE_ELEMENTS // max(1, B * Hkv * D))
         for m0 in range(0, mem_key.shape[2], block):
-            scores = torch.matmul(q, mem_key[:, :, m0 : m0 + block].to(q.dtype).transpose(2, 3)).to(acc_dtype)
             valid = mem_valid[:, m0 : m0 + block]
+            block_bias = None
             if not bool(valid.all()):
-                scores.masked_fill_(~valid[:, None, None, :], MASK_VALUE)
-            block_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
-            correction = torch.exp(running_max - block_max)
-            probs = torch.exp(scores - block_max)  # [B, Hkv, g*t, block]
-            denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
+                block_bias = torch.zeros(valid.shape, dtype=acc_dtype, device=query.device)
+                block_bias = block_bias.masked_fill_(~valid, MASK_VALUE)[:, None, None, :]
+            k = mem_key[:, :, m0 : m0 + block].to(query.dtype)
             v = mem_value[:, :, m0 : m0 + block].to(value.dtype)
-            acc = acc * correction + torch.matmul(probs.to(value.dtype), v).to(acc_dtype)
-            running_max = block_max
+            block_out, block_lse = _attend(q, k, v, block_bias, scaling)
+            block_out = block_out.reshape(B, H, t, D).to(acc_dtype)
+            out, lse = _merge(out, lse, block_out, block_lse.reshape(B, H, t))
 
-    out = (acc / denominator).to(query.dtype)
-    return _ungroup_output(out, H), None
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 MEMORY_ATTENTION_FUNCTIONS = {
