@@ -5,6 +5,7 @@ Field names and defaults follow the published LongLLaMA checkpoints, so their `c
 """
 
 from dataclasses import field
+from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -67,7 +68,7 @@ class LongLlamaConfig(LlamaConfig):
     mem_layers: list[int] = field(default_factory=list)
     mem_positionals: bool = True
     mem_dtype: str = "bfloat16"
-    mem_attention_grouping: list[int] | tuple[int, int] | None = None
+    mem_attention_grouping: Any = None  # [heads_per_group, queries_per_group]; checked in validate_longllama
     mem_attention_implementation: str | None = None
     last_context_length: int = 1024
     torch_attention: bool = False
@@ -76,7 +77,7 @@ class LongLlamaConfig(LlamaConfig):
     def __post_init__(self, **kwargs):
         if self.mem_attention_implementation is None:
             self.mem_attention_implementation = "sdpa" if self.torch_attention else "blockwise"
-        if self.mem_attention_grouping is not None:
+        if isinstance(self.mem_attention_grouping, tuple):
             self.mem_attention_grouping = list(self.mem_attention_grouping)
         self.mem_layers = sorted(self.mem_layers)
         super().__post_init__(**kwargs)
@@ -104,7 +105,9 @@ class LongLlamaConfig(LlamaConfig):
             raise ValueError(f"mem_dtype={self.mem_dtype!r} is not supported; use one of {list(MEM_DTYPES)}.")
         grouping = self.mem_attention_grouping
         if grouping is not None and (
-            len(grouping) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grouping)
+            not isinstance(grouping, list)
+            or len(grouping) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grouping)
         ):
             raise ValueError(
                 f"mem_attention_grouping={grouping!r} is malformed: give [heads_per_group, queries_per_group], "

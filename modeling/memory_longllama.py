@@ -30,7 +30,16 @@ class SequenceBuffer:
     def append(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         dtype = dtype or x.dtype
         n = x.shape[self.dim]
-        if self.data is None:
+        if self.data is not None and self._other_dims(self.data) != self._other_dims(x):
+            if self.length > 0:
+                raise ValueError(
+                    f"cannot append a tensor of shape {tuple(x.shape)} to a buffer of shape {tuple(self.view().shape)}: "
+                    "the batch size or head layout of a session cannot change"
+                )
+            self.data = None  # emptied by clear(): a new session may have another batch size
+        if self.data is None or self.data.dtype != dtype or self.data.device != x.device:
+            if self.length > 0 and self.data is not None:
+                raise ValueError("the dtype or device of a non-empty buffer cannot change")
             shape = list(x.shape)
             shape[self.dim] = max(n, MIN_CAPACITY)
             self.data = torch.empty(shape, dtype=dtype, device=x.device)
@@ -38,6 +47,11 @@ class SequenceBuffer:
             self._grow(self.length + n)
         self.data.narrow(self.dim, self.length, n).copy_(x)
         self.length += n
+
+    def _other_dims(self, x: torch.Tensor) -> tuple:
+        shape = list(x.shape)
+        del shape[self.dim]
+        return tuple(shape)
 
     def _grow(self, needed: int) -> None:
         shape = list(self.data.shape)

@@ -71,6 +71,7 @@ BAD_VALUES = [
     pytest.param({"mem_attention_grouping": [1, 2, 3]}, "[1, 2, 3]", id="grouping-three-elements"),
     pytest.param({"mem_attention_grouping": "x"}, "x", id="grouping-string"),
     pytest.param({"mem_attention_grouping": [1.5, 2]}, "1.5", id="grouping-float"),
+    pytest.param({"mem_attention_grouping": 5}, "5", id="grouping-int"),
     pytest.param({"last_context_length": 0}, "0", id="last_context_length-zero"),
     pytest.param({"last_context_length": -5}, "-5", id="last_context_length-negative"),
     pytest.param({"mem_attention_implementation": "flash"}, "flash", id="kernel-unknown"),

@@ -262,11 +262,15 @@ DROP_IN_CASES = {
 }
 
 
+@pytest.mark.parametrize("memory_kernel", ["blockwise", "same_as_llama"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("case", list(DROP_IN_CASES), ids=list(DROP_IN_CASES))
-def test_drop_in_for_llama(case, attn_implementation):
+def test_drop_in_for_llama(case, attn_implementation, memory_kernel):
+    """Both models load the same config (attn_implementation included: Llama's eager and sdpa themselves differ by
+    ~1e-5 in fp32, more than the tolerance) and the same state dict."""
     overrides, length = DROP_IN_CASES[case]
-    model = make_model(**overrides)
+    kernel = attn_implementation if memory_kernel == "same_as_llama" else memory_kernel
+    model = make_model(attn_implementation=attn_implementation, mem_attention_implementation=kernel, **overrides)
     llama = llama_twin(model, attn_implementation)
     ids = random_ids(2, length, seed=3)
     assert max_err(logits_of(model, ids), logits_of(llama, ids)) < 1e-5
@@ -330,6 +334,24 @@ def test_left_padded_continuation_equals_row_alone():
         alone_cache = model(history[:1], use_cache=True).cache
         alone = model(new0[None], cache=alone_cache).logits[0]
     assert max_err(padded, alone) < ATOL
+
+
+def test_left_padded_continuation_after_flush_matches_reference():
+    """New tokens left-padded in row 0 arrive when the local context is full: it is flushed, so the new local
+    context starts with padding while memory is non-empty. Rotary positions must count from row 0's first real token
+    (what the memory scores see); the reference defines exactly that."""
+    model = make_model(num_key_value_heads=2)
+    history = random_ids(2, 21, seed=5)
+    new_ids, new_mask = left_pad([random_ids(1, 4, seed=6)[0], random_ids(1, 6, seed=7)[0]], 6)  # 4 + 6 > W
+    full_mask = torch.cat([torch.ones(2, 21, dtype=torch.long), new_mask], dim=1)
+    state_dict, cfg = float64_state_dict(model), RefConfig.from_hf(model.config)
+    with torch.no_grad():
+        cache = model(history, use_cache=True).cache
+        logits = model(new_ids, attention_mask=full_mask, cache=cache).logits
+    _, session = reference_forward(state_dict, cfg, history)
+    expected, _ = reference_forward(state_dict, cfg, new_ids, attention_mask=full_mask, session=session)
+    real = new_mask.bool()
+    assert max_err(logits[real], expected[real]) < ATOL
 
 
 # --------------------------------------------------------------------------- 5. logits_to_keep
