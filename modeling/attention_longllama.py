@@ -9,9 +9,10 @@ All kernels share one signature and return `(attn_output [B, t, H, D], attn_weig
     memory  (mem_key [B, Hkv, M, D], mem_value [B, Hkv, M, D], mem_valid [B, M] bool) or None;
             memory keys are unrotated and stored in `mem_dtype`, memory entries are never causally masked.
 
-Masked scores are set to `MASK_VALUE` (the published code clamps them there), so a row with nothing visible becomes a
-uniform average instead of NaN. Grouped-query attention groups the query heads of one KV head into rows, so memory is
-never repeated per query head.
+Masked scores are pushed to `MASK_VALUE` (-1e6, where the published code clamps them), never to -inf: a query row with
+nothing visible (a padding token) stays finite. The eager kernel sets them to exactly -1e6 as published (such a row
+becomes a uniform average); the others add -1e6, which gives the same result for every row that sees something.
+Grouped-query attention groups the query heads of one KV head into rows, so memory is never repeated per query head.
 """
 
 import torch

@@ -131,6 +131,11 @@ class LongLlamaAttention(LlamaAttention):
             cos, sin = position_embeddings
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
+        if cache is None:
+            raise ValueError(
+                "Memory layers need the session cache, which gradient checkpointing removes: gradient checkpointing "
+                "of LongLLaMA memory layers is not supported yet. Disable it (model.gradient_checkpointing_disable())."
+            )
         layer_cache = cache.layers[self.layer_idx]
         if window.stores_local:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, raw_keys=raw_key_states)
@@ -246,8 +251,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         plan = plan_windows(
             num_tokens, self.window_size, last_context_length, session.local_length, fresh=session.seen_tokens == 0
         )
-        requested = requested_positions(num_tokens, 0 if output_hidden_states else hidden_states_to_keep)
-        assign_depths(plan, requested, len(self.layers), self.memory_depth)
+        requested = requested_positions(num_tokens, hidden_states_to_keep)
+        needed = torch.arange(num_tokens) if output_hidden_states else requested  # all layers' states need all windows
+        assign_depths(plan, needed, len(self.layers), self.memory_depth)
 
         # windows
         kept, layer_states = [], []

@@ -131,6 +131,7 @@ def test_generate_step_logits_match_reference(case):
 # --------------------------------------------------------------------------- 2. token-by-token decoding
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
 def test_token_by_token_decode_matches_reference(spelling):
     """Prefill, then one token per call passing the returned cache back (also with the deprecated spelling).

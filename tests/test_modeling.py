@@ -35,7 +35,6 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 99) -> torch.Tensor:
     """Token ids in [3, vocab): never pad (0), bos (1) or eos (2)."""
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
@@ -337,18 +336,21 @@ def test_left_padded_continuation_equals_row_alone():
 
 
 def test_left_padded_continuation_after_flush_matches_reference():
-    """New tokens left-padded in row 0 arrive when the local context is full: it is flushed, so the new local
-    context starts with padding while memory is non-empty. Rotary positions must count from row 0's first real token
-    (what the memory scores see); the reference defines exactly that."""
+    """Session: 21 tokens (local context 4), 3 more (local 7), then 4 new tokens with row 0 left-padded by 2: the
+    local context overflows (7 + 4 > W) and is flushed, so the new local context starts with row 0's padding while
+    memory is non-empty. Rotary positions must count from row 0's first real token (memory keys sit at position 0,
+    so the absolute local position of a query matters); the reference defines exactly that."""
     model = make_model(num_key_value_heads=2)
-    history = random_ids(2, 21, seed=5)
-    new_ids, new_mask = left_pad([random_ids(1, 4, seed=6)[0], random_ids(1, 6, seed=7)[0]], 6)  # 4 + 6 > W
-    full_mask = torch.cat([torch.ones(2, 21, dtype=torch.long), new_mask], dim=1)
+    history, middle = random_ids(2, 21, seed=5), random_ids(2, 3, seed=6)
+    new_ids, new_mask = left_pad([random_ids(1, 2, seed=7)[0], random_ids(1, 4, seed=8)[0]], 4)
+    full_mask = torch.cat([torch.ones(2, 24, dtype=torch.long), new_mask], dim=1)
     state_dict, cfg = float64_state_dict(model), RefConfig.from_hf(model.config)
     with torch.no_grad():
         cache = model(history, use_cache=True).cache
+        model(middle, cache=cache)
         logits = model(new_ids, attention_mask=full_mask, cache=cache).logits
     _, session = reference_forward(state_dict, cfg, history)
+    _, session = reference_forward(state_dict, cfg, middle, session=session)
     expected, _ = reference_forward(state_dict, cfg, new_ids, attention_mask=full_mask, session=session)
     real = new_mask.bool()
     assert max_err(logits[real], expected[real]) < ATOL
@@ -436,14 +438,23 @@ def test_output_hidden_states_shapes():
     assert [tuple(s.shape) for s in states] == [(2, 29, 32)] * 5
 
 
-def test_output_hidden_states_first_is_embeddings_last_is_final_state():
+def test_output_hidden_states_first_is_the_embeddings():
+    model = make_model()
+    ids = random_ids(2, 29, seed=10)
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        embeddings = model.model.embed_tokens(ids)
+    assert max_err(states[0], embeddings) == 0
+
+
+def test_output_hidden_states_last_is_the_final_hidden_state():
+    """The last entry is the model's last_hidden_state (after the final norm, as in Llama)."""
     model = make_model()
     ids = random_ids(2, 29, seed=10)
     with torch.no_grad():
         states = model(ids, output_hidden_states=True).hidden_states
         last = model.model(ids).last_hidden_state
-        embeddings = model.model.embed_tokens(ids)
-    assert max_err(states[0], embeddings) == 0 and max_err(states[-1], last) < 1e-6
+    assert max_err(states[-1], last) < 1e-6
 
 
 # --------------------------------------------------------------------------- 8. bad input
