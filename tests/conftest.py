@@ -39,6 +39,16 @@ def tiny_model(seed: int = 0, **overrides) -> LongLlamaForCausalLM:
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """The tensors in tests are tiny: intra-op threads only add overhead (several-fold on a busy 2-core machine).
+    Subprocesses started by tests set their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def config():
     return tiny_config()

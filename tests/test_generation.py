@@ -22,15 +22,6 @@ FLUSHING_STEPS = 22  # 21 tokens fed back: the local context overflows at the 5t
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (several-fold on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 99) -> torch.Tensor:
     """Token ids in [3, vocab): never pad (0), bos (1) or eos (2)."""
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -26,15 +26,6 @@ W, L = 8, 4  # window and last_context_length of tiny_config
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: intra-op threads only add overhead (several-fold on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_ids(batch: int, length: int, seed: int = 0, vocab: int = 99) -> torch.Tensor:
     """Token ids in [3, vocab): never pad (0), bos (1) or eos (2)."""
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
