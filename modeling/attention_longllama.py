@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 MASK_VALUE = -1e6
 # Memory keys per block of the blockwise kernel: one block of keys (fp32, all KV heads) holds about this many floats.
-BLOCK_SCORE_ELEMENTS = 1 << 24
+BLOCK_SCORE_ELEMENTS = 1 << 22
 MIN_BLOCK = 256
 FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -91,18 +91,21 @@ def sdpa_memory_attention_forward(module, query, key, value, visible, memory=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend(query, key, value, bias, scaling):
+def _attend(query, key, value, bias, scaling, is_causal=False):
     """Softmax attention of `query` [B, h, r, D] over `key`/`value` [B, h, m, D] with an additive `bias`
-    (broadcastable to [B, h, r, m], or None). Returns `(out [B, h, r, D], lse [B, h, r])`, lse = log-sum-exp of the
-    scores, so that blocks can be merged exactly."""
+    (broadcastable to [B, h, r, m], or None; `is_causal` instead: r == m and query i sees keys <= i).
+    Returns `(out [B, h, r, D], lse [B, h, r])`, lse = log-sum-exp of the scores, so that blocks merge exactly."""
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
     if query.device.type == "cpu" and query.dtype in FLASH_CPU_DTYPES and not grad:
         # the fused CPU flash kernel returns the log-sum-exp too (its lse has no gradient, hence not when training)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=bias, scale=scaling
+            query, key, value, 0.0, is_causal, attn_mask=bias, scale=scaling
         )
     acc_dtype = torch.promote_types(query.dtype, torch.float32)
     scores = torch.matmul(query * scaling, key.transpose(2, 3)).to(acc_dtype)  # [B, h, r, m]
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        bias = torch.zeros(future.shape, dtype=acc_dtype, device=scores.device).masked_fill_(future, MASK_VALUE)
     if bias is not None:
         scores = scores + bias
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
@@ -118,17 +121,20 @@ def _merge(out, lse, block_out, block_lse):
 
 
 def blockwise_memory_attention_forward(
-    module, query, key, value, visible, memory=None, scaling=1.0, block_size=None, **kwargs
+    module, query, key, value, visible, memory=None, scaling=1.0, block_size=None, is_causal=False, **kwargs
 ):
     """One softmax computed block by block and merged by log-sum-exp: the local context is the first block, then
-    memory in blocks of `block_size` keys. Never materialises `[t x M]` scores; same result as the eager kernel."""
+    memory in blocks of `block_size` keys. Never materialises `[t x M]` scores; same result as the eager kernel.
+    `is_causal=True` promises that `visible` is exactly the causal mask (t == n, no padding): a faster path."""
     B, H, t, D = query.shape
     Hkv = key.shape[1]
     acc_dtype = torch.promote_types(query.dtype, torch.float32)
-    bias = torch.zeros(visible.shape, dtype=acc_dtype, device=query.device)
-    bias.masked_fill_(~visible, MASK_VALUE)  # [B, 1, t, n]
+    bias = None
+    if not is_causal:
+        bias = torch.zeros(visible.shape, dtype=acc_dtype, device=query.device)
+        bias.masked_fill_(~visible, MASK_VALUE)  # [B, 1, t, n]
     groups = H // Hkv
-    out, lse = _attend(query, _repeat_kv(key, groups), _repeat_kv(value, groups), bias, scaling)
+    out, lse = _attend(query, _repeat_kv(key, groups), _repeat_kv(value, groups), bias, scaling, is_causal)
     out = out.to(acc_dtype)  # [B, H, t, D]
 
     if memory is not None:

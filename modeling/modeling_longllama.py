@@ -49,6 +49,7 @@ class WindowInputs:
     stores_local: bool
     visible: torch.Tensor  # [B, 1, t, n] bool: causal mask and padding of the local context
     valid: torch.Tensor  # [B, t] bool: the window's tokens that are not padding
+    is_causal: bool = False  # `visible` is exactly the causal mask of a window that is its whole local context
 
 
 def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):
@@ -148,6 +149,7 @@ class LongLlamaAttention(LlamaAttention):
             memory=layer_cache.memory(),
             scaling=self.scaling,
             grouping=self.grouping,
+            is_causal=window.is_causal,
         )
         if not window.stores_local:
             # a stand-alone window of a long prompt goes to memory after its own attention (it never sees itself)
@@ -238,14 +240,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
         if last_context_length < 1:
             raise ValueError(f"last_context_length={last_context_length} must be a positive number of tokens.")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, num_tokens = inputs_embeds.shape[:2]
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        batch_size, num_tokens = inputs.shape[:2]
         if num_tokens == 0:
             raise ValueError("The input has no tokens.")
         session = self._session(cache, batch_size, use_cache)
-        valid = self._token_validity(attention_mask, session, batch_size, num_tokens, inputs_embeds.device)
-        position_ids = self._position_ids(position_ids, session, batch_size, num_tokens, inputs_embeds.device)
+        valid = self._token_validity(attention_mask, session, batch_size, num_tokens, inputs.device)
+        position_ids = self._position_ids(position_ids, session, batch_size, num_tokens, inputs.device)
 
         # schedule
         plan = plan_windows(
@@ -258,7 +259,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         # windows
         kept, layer_states = [], []
         for w in plan:
-            states = self._process_window(inputs_embeds[:, w.start : w.end], valid, position_ids, w, session)
+            # embedded window by window: a 100k-token prompt never holds all its embeddings at once
+            window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
+            if window_states is None:
+                window_states = inputs_embeds[:, w.start : w.end]
+            states = self._process_window(window_states, valid, position_ids, w, session)
             if w.keep:
                 kept.append(states[-1])
             if output_hidden_states:
@@ -286,9 +291,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         t, n = valid.shape[1], local_valid.shape[1]
         causal = torch.arange(n, device=valid.device)[None, :] <= torch.arange(n - t, n, device=valid.device)[:, None]
         visible = causal[None, None] & local_valid[:, None, None, :]  # [B, 1, t, n]
-        inputs = WindowInputs(window.stores_local, visible, valid)
-        bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
-        bias.masked_fill_(~visible, mask_value(hidden_states.dtype))  # additive mask of the stock layers
+        # a window that is its whole local context, without padding: plain causal attention, which kernels can skip
+        is_causal = t == n and t > 1 and bool(local_valid.all())
+        inputs = WindowInputs(window.stores_local, visible, valid, is_causal)
+        bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
+        if not (is_causal and self.config._attn_implementation == "sdpa"):
+            bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
+            bias.masked_fill_(~visible, mask_value(hidden_states.dtype))  # additive mask of the stock layers
         position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
 
         states = [hidden_states]

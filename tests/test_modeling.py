@@ -239,6 +239,28 @@ def test_kernel_matches_eager_kernel(kernel, heads, kv_heads, memory_length):
     assert max_err(actual[real_query], expected[real_query]) < 1e-5
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "autograd"])
+@pytest.mark.parametrize("heads,kv_heads,memory_length", [(4, 4, 7), (4, 2, 0)], ids=str)
+def test_blockwise_causal_fast_path_matches_eager(grad, heads, kv_heads, memory_length):
+    """is_causal=True (a window that is its whole local context, no padding) gives what the explicit mask gives,
+    on the fused path and on the autograd path."""
+    g = torch.Generator().manual_seed(3)
+    B, t, D = 2, 6, 8
+    query = torch.randn(B, heads, t, D, generator=g, requires_grad=grad)
+    key, value = torch.randn(2, B, kv_heads, t, D, generator=g)
+    visible = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(B, 1, t, t)
+    memory = None
+    if memory_length:
+        memory = (*torch.randn(2, B, kv_heads, memory_length, D, generator=g), torch.ones(B, memory_length).bool())
+    scaling = D**-0.5
+    expected, _ = eager_memory_attention_forward(None, query, key, value, visible, memory=memory, scaling=scaling)
+    with torch.set_grad_enabled(grad):
+        actual, _ = blockwise_memory_attention_forward(
+            None, query, key, value, visible, memory=memory, scaling=scaling, is_causal=True
+        )
+    assert max_err(actual, expected) < 1e-5
+
+
 # --------------------------------------------------------------------------- 3. drop-in for LlamaForCausalLM
 
 DROP_IN_CASES = {
