@@ -16,8 +16,8 @@ argument) so that peak RSS belongs to that measurement alone:
    `[T x T]` attention, so it only runs up to --llama-max-tokens (default 32768) and shows "n/a" beyond.
 2. Memory: peak RSS (`getrusage(RUSAGE_SELF).ru_maxrss`) minus the RSS of the process before the model was built,
    next to the model bytes, the memory bytes (2 x mem layers x kv heads x head_dim x bytes(mem_dtype) x tokens),
-   the `nbytes` of the returned LongLlamaCache and an estimate of the activations (one window plus the prompt's
-   embeddings, which are computed up front). Target: measured <= 1.5x (weights + memory + activations).
+   the `nbytes` of the returned LongLlamaCache and an estimate of the activations (one window, plus the prompt's
+   token ids). Target: measured <= 1.5x (weights + memory + activations).
 3. Memory-attention kernel: `blockwise_memory_attention_forward` on the shapes of one memory layer at the end of the
    longest prompt (queries [1, 4, 1024, 64], 1024 local keys, the memory in bfloat16), counting
    4 * B * H * t * (n + M) * D FLOPs, as a fraction of the best fp32 `torch.bmm` throughput on the attention's
@@ -269,8 +269,8 @@ def run_worker(spec: dict, timeout: float | None) -> dict:
 
 
 def activation_bytes(length: int) -> int:
-    """Estimate of the activations alive at the peak of a LongLLaMA prefill (fp32): the prompt's embeddings (computed
-    up front), and for one window: hidden-sized tensors, MLP intermediates, the additive and boolean attention masks,
+    """Estimate of the activations alive at the peak of a LongLLaMA prefill (fp32): the prompt's token ids, and for one
+    window (the model embeds the prompt window by window): hidden-sized tensors, MLP intermediates, the additive and boolean attention masks,
     and one block of memory keys and values cast to fp32 as the blockwise kernel reads them (block size as in
     `blockwise_memory_attention_forward`: BLOCK_SCORE_ELEMENTS // (kv heads x head_dim) keys). The fused attention
     kernels do not materialise [t x n] scores."""
@@ -282,12 +282,12 @@ def activation_bytes(length: int) -> int:
     block_elements = getattr(kernels, "BLOCK_SCORE_ELEMENTS", 1 << 24)
     block = max(getattr(kernels, "MIN_BLOCK", 256), block_elements // (kv_heads * head_dim))
     memory_tokens = max(length - c["last_context_length"], 0)
-    embeddings = length * c["hidden_size"] * f
+    token_ids = length * 8  # int64
     hidden = 8 * t * c["hidden_size"] * f
     mlp = 3 * t * c["intermediate_size"] * f
     masks = 2 * t * n * f + t * n
     memory_block = 2 * kv_heads * min(block, memory_tokens) * head_dim * f
-    return embeddings + hidden + mlp + masks + memory_block
+    return token_ids + hidden + mlp + masks + memory_block
 
 
 def memory_formula_bytes(length: int) -> int:
@@ -374,15 +374,15 @@ def memory_rows(results: dict) -> list[list[str]]:
 
 
 def rss_growth_row(results: dict) -> list[str] | None:
-    """Peak RSS growth per 1k tokens between the shortest and longest prompt, vs memory + embeddings per 1k."""
+    """Peak RSS growth per 1k tokens between the shortest and longest prompt, vs memory + token ids per 1k."""
     points = [(n, r["peak_rss"]) for n, r in results["longllama"].items() if "peak_rss" in r]
     if len(points) < 2:
         return None
     (n0, rss0), (n1, rss1) = min(points), max(points)
     slope = (rss1 - rss0) / (n1 - n0) * 1024
-    expected = (memory_formula_bytes(1024) + 1024 * CONFIG["hidden_size"] * 4) / MB
+    expected = (memory_formula_bytes(1024) + 1024 * 8) / MB
     label = f"LongLLaMA peak RSS growth per 1k tokens ({tokens_label(n0)} -> {tokens_label(n1)})"
-    return [label, f"{slope / MB:.2f} MB (memory + embeddings: {expected:.2f} MB)", "-", "-"]
+    return [label, f"{slope / MB:.2f} MB (memory + token ids: {expected:.2f} MB)", "-", "-"]
 
 
 def kernel_and_generate_rows(results: dict) -> list[list[str]]:

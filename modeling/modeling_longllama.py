@@ -263,7 +263,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
             if window_states is None:
                 window_states = inputs_embeds[:, w.start : w.end]
-            states = self._process_window(window_states, valid, position_ids, w, session)
+            states = self._process_window(window_states, valid, position_ids, w, session, output_hidden_states)
             if w.keep:
                 kept.append(states[-1])
             if output_hidden_states:
@@ -279,8 +279,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_hidden_state=hidden_states, cache=session if use_cache else None, hidden_states=all_hidden_states
         )
 
-    def _process_window(self, hidden_states, valid, position_ids, window: Window, session: LongLlamaCache):
-        """Run `window.depth` layers on one window `[B, t, hidden]`; returns the hidden states after each layer."""
+    def _process_window(self, hidden_states, valid, position_ids, window: Window, session, all_states=False):
+        """Run `window.depth` layers on one window `[B, t, hidden]`. Returns `[final hidden states]`, or with
+        `all_states` the input and the output of every layer."""
         valid = valid[:, window.start : window.end]  # [B, t]
         positions = position_ids[:, window.start : window.end]
         if window.stores_local:
@@ -301,7 +302,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
 
         states = [hidden_states]
-        for idx, layer in enumerate(self.layers[: window.depth]):
+        for layer in self.layers[: window.depth]:
             is_memory_layer = isinstance(layer, LongLlamaDecoderLayer)
             hidden_states = layer(
                 hidden_states,
@@ -310,9 +311,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 cache=session if window.stores_local or is_memory_layer else None,
                 window=inputs,
             )
-            states.append(hidden_states)
+            if all_states:
+                states.append(hidden_states)
         session.seen_tokens += t
-        return states
+        return states if all_states else [hidden_states]
 
     def _enter_local_context(self, session: LongLlamaCache, window: Window, valid, positions) -> None:
         """Before a window joins the local context: flush it if it would overflow, then record the new tokens."""

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from transformers import LlamaConfig
+
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
 
 
@@ -37,6 +39,42 @@ def tiny_model(seed: int = 0, **overrides) -> LongLlamaForCausalLM:
             if name.endswith("proj.weight") or "embed" in name or "lm_head" in name:
                 param.normal_(0.0, 0.3)
     return model
+
+
+def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def left_pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenizer-style left padding with pad id 0: (input_ids [B, length], attention_mask [B, length])."""
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row) :] = row
+        mask[b, length - len(row) :] = 1
+    return ids, mask
+
+
+def llama_config_like(config: LongLlamaConfig, **overrides) -> LlamaConfig:
+    """The transformers LlamaConfig of the same architecture (what a LongLLaMA checkpoint loads into)."""
+    fields = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters),
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import longllama
 from longllama import LongLlamaForCausalLM
 from longllama.modeling.memory_longllama import LongLlamaMemoryLayer
 
-from conftest import tiny_model
+from conftest import llama_config_like, tiny_model
 
 MODELING_DIR = Path(longllama.modeling.__file__).parent
 CODE_FILES = ["configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py"]
@@ -39,15 +39,7 @@ def logits_of(model, ids, **kwargs) -> torch.Tensor:
 
 def llama_state_dict_names(config) -> set[str]:
     """State-dict names of the equivalent transformers LlamaForCausalLM (the checkpoint format)."""
-    llama_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        tie_word_embeddings=False,
-    )
+    llama_config = llama_config_like(config, tie_word_embeddings=False)
     with torch.device("meta"):
         return set(LlamaForCausalLM(llama_config).state_dict())
 

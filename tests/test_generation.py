@@ -8,7 +8,7 @@ local context overflows (SPEC 2.7) at the 5th generated token fed back, then at 
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import left_pad, max_err, tiny_model
 from reference import RefConfig, reference_forward, reference_greedy_generate
 from transformers import GenerationConfig
 
@@ -70,20 +70,6 @@ def generate_with_logits(model, input_ids, max_new_tokens, **kwargs):
     """generate() returning (new tokens [B, n], raw logits [B, n, V] of every step)."""
     out = greedy(model, input_ids, max_new_tokens, return_dict_in_generate=True, output_logits=True, **kwargs)
     return out.sequences[:, -max_new_tokens:], torch.stack(out.logits, dim=1)
-
-
-def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item()
-
-
-def left_pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenizer-style left padding with pad id 0: (input_ids [B, length], attention_mask [B, length])."""
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, length - len(row) :] = row
-        mask[b, length - len(row) :] = 1
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- 1. generate() vs reference

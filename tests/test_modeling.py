@@ -8,9 +8,9 @@ last_context_length L=4, mem_dtype float32 unless a test says otherwise.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import left_pad, llama_config_like, max_err, tiny_model
 from reference import RefConfig, reference_forward
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from longllama import LongLlamaCache
 from longllama.modeling.attention_longllama import (
@@ -60,43 +60,12 @@ def logits_of(model, input_ids, **kwargs) -> torch.Tensor:
         return model(input_ids, **kwargs).logits
 
 
-def max_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item()
-
-
 def llama_twin(model, attn_implementation: str) -> LlamaForCausalLM:
     """A transformers LlamaForCausalLM with the same fields and the same state dict (strict load)."""
-    cfg = model.config
-    llama_config = LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters),
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        pad_token_id=cfg.pad_token_id,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        attn_implementation=attn_implementation,
-    )
+    llama_config = llama_config_like(model.config, attn_implementation=attn_implementation)
     llama = LlamaForCausalLM(llama_config).eval()
     llama.load_state_dict(model.state_dict(), strict=True)
     return llama
-
-
-def left_pad(rows: list[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenizer-style left padding with pad id 0: (input_ids [B, length], attention_mask [B, length])."""
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, length - len(row) :] = row
-        mask[b, length - len(row) :] = 1
-    return ids, mask
 
 
 # --------------------------------------------------------------------------- 1. forward vs reference
