@@ -272,14 +272,14 @@ def activation_bytes(length: int) -> int:
     """Estimate of the activations alive at the peak of a LongLLaMA prefill (fp32): the prompt's token ids, and for one
     window (the model embeds the prompt window by window): hidden-sized tensors, MLP intermediates, the additive and boolean attention masks,
     and one block of memory keys and values cast to fp32 as the blockwise kernel reads them (block size as in
-    `blockwise_memory_attention_forward`: BLOCK_SCORE_ELEMENTS // (kv heads x head_dim) keys). The fused attention
+    `blockwise_memory_attention_forward`: MEMORY_BLOCK_ELEMENTS // (kv heads x head_dim) keys). The fused attention
     kernels do not materialise [t x n] scores."""
     from longllama.modeling import attention_longllama as kernels
 
     c, f = CONFIG, 4  # fp32
     t = n = min(length, c["max_position_embeddings"])
     kv_heads, head_dim = c["num_key_value_heads"], c["hidden_size"] // c["num_attention_heads"]
-    block_elements = getattr(kernels, "BLOCK_SCORE_ELEMENTS", 1 << 24)
+    block_elements = getattr(kernels, "MEMORY_BLOCK_ELEMENTS", 1 << 24)
     block = max(getattr(kernels, "MIN_BLOCK", 256), block_elements // (kv_heads * head_dim))
     memory_tokens = max(length - c["last_context_length"], 0)
     token_ids = length * 8  # int64

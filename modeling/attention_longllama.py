@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 MASK_VALUE = -1e6
 # Memory keys per block of the blockwise kernel: one block of keys (fp32, all KV heads) holds about this many floats.
-BLOCK_SCORE_ELEMENTS = 1 << 22
+MEMORY_BLOCK_ELEMENTS = 1 << 22
 MIN_BLOCK = 256
 FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -34,12 +34,6 @@ def _group_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, H, t, D] -> [B, Hkv, g * t, D]: the g query heads sharing a KV head become rows."""
     B, H, t, D = query.shape
     return query.reshape(B, num_kv_heads, (H // num_kv_heads) * t, D)
-
-
-def _ungroup_output(out: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, Hkv, g * t, D] -> [B, t, H, D]."""
-    B, _, rows, D = out.shape
-    return out.reshape(B, num_heads, rows * out.shape[1] // num_heads, D).transpose(1, 2).contiguous()
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -140,7 +134,7 @@ def blockwise_memory_attention_forward(
     if memory is not None:
         mem_key, mem_value, mem_valid = memory
         q = _group_queries(query, Hkv)  # [B, Hkv, g*t, D]: memory is read once per KV head
-        block = block_size or max(MIN_BLOCK, BLOCK_SCORE_ELEMENTS // max(1, B * Hkv * D))
+        block = block_size or max(MIN_BLOCK, MEMORY_BLOCK_ELEMENTS // max(1, B * Hkv * D))
         for m0 in range(0, mem_key.shape[2], block):
             valid = mem_valid[:, m0 : m0 + block]
             block_bias = None
