@@ -240,6 +240,7 @@ class LongLlamaCache(Cache):
         self.local_valid: torch.Tensor | None = None
         self.position_origin: torch.Tensor | None = None
         self.batch_size_: int | None = None
+        self.interrupted = False  # a call was interrupted half way: the session must be reset
 
     @property
     def local_length(self) -> int:
@@ -271,6 +272,7 @@ class LongLlamaCache(Cache):
         self.local_valid = None
         self.position_origin = None
         self.batch_size_ = None
+        self.interrupted = False
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

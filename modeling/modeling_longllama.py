@@ -23,11 +23,15 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value
 from .configuration_longllama import LongLlamaConfig
 from .memory_longllama import LongLlamaCache, cache_fingerprint
+
+# Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
+PROGRESS_WINDOWS = 16
 
 
 @dataclass
@@ -256,18 +260,24 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         needed = torch.arange(num_tokens) if output_hidden_states else requested  # all layers' states need all windows
         assign_depths(plan, needed, len(self.layers), self.memory_depth)
 
-        # windows
+        # windows (a progress bar for long inputs; an interrupted call marks the session unusable, not half-valid)
         kept, layer_states = [], []
-        for w in plan:
-            # embedded window by window: a 100k-token prompt never holds all its embeddings at once
-            window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
-            if window_states is None:
-                window_states = inputs_embeds[:, w.start : w.end]
-            states = self._process_window(window_states, valid, position_ids, w, session, output_hidden_states)
-            if w.keep:
-                kept.append(states[-1])
-            if output_hidden_states:
-                layer_states.append(states)
+        quiet = len(plan) < PROGRESS_WINDOWS or self.training
+        progress = logging.tqdm(plan, desc="LongLLaMA windows", unit="window", disable=quiet)
+        try:
+            for w in progress:
+                # embedded window by window: a 100k-token prompt never holds all its embeddings at once
+                window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
+                if window_states is None:
+                    window_states = inputs_embeds[:, w.start : w.end]
+                states = self._process_window(window_states, valid, position_ids, w, session, output_hidden_states)
+                if w.keep:
+                    kept.append(states[-1])
+                if output_hidden_states:
+                    layer_states.append(states)
+        except BaseException:
+            session.interrupted = True
+            raise
 
         # outputs
         hidden_states = self.norm(self._select_kept(kept, plan, requested, num_tokens))
@@ -346,6 +356,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
         else:
             session = cache
+            if session.interrupted:
+                raise ValueError(
+                    "An earlier call on this LongLlamaCache was interrupted, so its session is incomplete: call "
+                    "cache.reset() and process the session again, or start a new one with cache=None."
+                )
             if session.fingerprint != cache_fingerprint(self.config):
                 raise ValueError(
                     "This LongLlamaCache was made for a model with a different layout "

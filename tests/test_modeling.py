@@ -498,3 +498,38 @@ def test_inputs_embeds_equals_input_ids(length):
     with torch.no_grad():
         from_embeds = model(inputs_embeds=model.model.embed_tokens(ids)).logits
     assert max_err(from_embeds, logits_of(model, ids)) < 1e-6
+
+
+# --------------------------------------------------------------------------- long work: progress and interruption
+
+
+def test_interrupted_call_makes_the_session_unusable_until_reset():
+    """Ctrl-C in the middle of a long input must not leave a half-extended session that silently continues."""
+    model = tiny_model()
+    ids = torch.randint(3, 99, (1, 60), generator=torch.Generator().manual_seed(1))
+    cache = model(ids[:, :10], use_cache=True).cache
+    calls = []
+
+    def interrupt_on_third_call(module, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    handle = model.model.layers[0].register_forward_pre_hook(interrupt_on_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        model(ids[:, 10:], cache=cache, use_cache=True)
+    handle.remove()
+    with pytest.raises(ValueError, match="interrupted"):
+        model(ids[:, 10:], cache=cache, use_cache=True)
+
+    cache.reset()
+    again = model(ids, cache=cache, use_cache=True).logits
+    assert max_err(again, model(ids).logits) < 1e-6
+
+
+def test_long_inputs_show_a_progress_bar(capsys):
+    model = tiny_model()
+    model(torch.randint(3, 99, (1, 8 * 20)))  # 20 windows
+    assert "LongLLaMA windows" in capsys.readouterr().err
+    model(torch.randint(3, 99, (1, 8 * 3)))  # short inputs stay quiet
+    assert "LongLLaMA windows" not in capsys.readouterr().err
