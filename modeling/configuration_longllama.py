@@ -48,8 +48,10 @@ class LongLlamaConfig(LlamaConfig):
             The last this-many tokens of a long input form the final local window (they are not written to
             memory). Can be overridden per `forward` / `generate` call.
         torch_attention (`bool`, defaults to `False`):
-            Published flag choosing `scaled_dot_product_attention` for memory layers. Read for compatibility: when
-            `mem_attention_implementation` is not given, `True` selects `"sdpa"`. Every kernel gives the same result.
+            Published flag choosing `scaled_dot_product_attention` over eager attention. Kept for compatibility; it
+            does not pick the kernel: the default `"blockwise"` kernel already runs on the fused SDPA kernel (on CPU)
+            and, unlike a concatenating `"sdpa"` kernel, stays linear in the memory size at 100k+ tokens. Every kernel
+            computes the same function; choose one with `mem_attention_implementation`.
         gradient_checkpoint_every_ith (`int`, defaults to 1):
             With gradient checkpointing on, checkpoint every i-th layer.
         max_position_embeddings (`int`, defaults to 2048):
@@ -76,7 +78,7 @@ class LongLlamaConfig(LlamaConfig):
 
     def __post_init__(self, **kwargs):
         if self.mem_attention_implementation is None:
-            self.mem_attention_implementation = "sdpa" if self.torch_attention else "blockwise"
+            self.mem_attention_implementation = "blockwise"
         if isinstance(self.mem_attention_grouping, tuple):
             self.mem_attention_grouping = list(self.mem_attention_grouping)
         self.mem_layers = sorted(self.mem_layers)

@@ -40,8 +40,10 @@ def test_default_memory_kernel_is_blockwise():
     assert LongLlamaConfig().mem_torch_dtype is torch.bfloat16
 
 
-def test_torch_attention_selects_sdpa_only_when_no_kernel_is_given():
-    assert LongLlamaConfig(torch_attention=True).mem_attention_implementation == "sdpa"
+def test_kernel_is_blockwise_unless_given():
+    # torch_attention=True (published code-model configs) must not select a kernel that concatenates the memory
+    assert LongLlamaConfig(torch_attention=True).mem_attention_implementation == "blockwise"
+    assert LongLlamaConfig(torch_attention=False).mem_attention_implementation == "blockwise"
     explicit = LongLlamaConfig(torch_attention=True, mem_attention_implementation="eager")
     assert explicit.mem_attention_implementation == "eager"
     assert LongLlamaConfig(torch_attention=False, mem_attention_implementation="sdpa").mem_attention_implementation == "sdpa"
@@ -238,7 +240,10 @@ def test_published_config_round_trip(tmp_path, name):
 
 
 def test_tiny_config_round_trip(tmp_path):
-    config = tiny_config(mem_layers=[0, 2], mem_dtype="float16", mem_attention_grouping=[2, 5], torch_attention=True)
+    config = tiny_config(
+        mem_layers=[0, 2], mem_dtype="float16", mem_attention_grouping=[2, 5], torch_attention=True,
+        mem_attention_implementation="sdpa",
+    )
     config.save_pretrained(tmp_path)
     reloaded = AutoConfig.from_pretrained(tmp_path)
     original, again = config.to_dict(), reloaded.to_dict()
@@ -246,6 +251,7 @@ def test_tiny_config_round_trip(tmp_path):
         d.pop("_name_or_path", None)
     assert again == original
     assert reloaded.mem_attention_implementation == "sdpa"
+    assert reloaded.torch_attention is True
 
 
 # --------------------------------------------------------------------------------------------------------------------
