@@ -1,0 +1,571 @@
+"""Convert a Hugging Face Llama checkpoint (e.g. OpenLLaMA 3B / 7B) into a drop-in LongLLaMA checkpoint.
+
+The weights keep their Llama names (SPEC 1: memory layers add no parameters), so conversion is a streaming copy:
+source shards are read one tensor at a time, checked against the target config, optionally cast, and written into
+new safetensors shards of at most `shard_size` bytes. Everything goes into a temporary directory next to DST, which
+is renamed to DST only when complete.
+
+    python -m longllama.conversion ./open_llama_3b ./long_open_llama_3b --mem-layers 6,12,18
+"""
+
+import argparse
+import json
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+import longllama.modeling
+from longllama.modeling.configuration_longllama import MEM_DTYPES, LongLlamaConfig
+
+CODE_FILES = ("configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+DTYPES = ("keep", "bfloat16", "float16", "float32")
+# config.json fields that describe the source class rather than the architecture
+SOURCE_ONLY_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
+
+# Source name -> target name; `{}` is a layer index, `None` drops the tensor (recomputed from the config).
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.bias": "model.layers.{}.self_attn.o_proj.bias",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "model.layers.{}.mlp.gate_proj.bias": "model.layers.{}.mlp.gate_proj.bias",
+    "model.layers.{}.mlp.up_proj.bias": "model.layers.{}.mlp.up_proj.bias",
+    "model.layers.{}.mlp.down_proj.bias": "model.layers.{}.mlp.down_proj.bias",
+    "model.layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "model.norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+# Memory layers of the published models (SPEC 1), looked up by shape when --mem-layers is not given.
+PRESETS = {
+    "open_llama_3b": dict(num_hidden_layers=26, hidden_size=3200, mem_layers=[6, 12, 18]),
+    "open_llama_7b": dict(num_hidden_layers=32, hidden_size=4096, mem_layers=[8, 16, 24]),
+}
+
+
+class ConversionError(ValueError):
+    """A problem with the converter's input or options; the message is one line naming the culprit."""
+
+
+def default_mem_layers(num_hidden_layers: int, hidden_size: int) -> list[int]:
+    """Memory layers used when none are given.
+
+    A shape matching a preset (26 layers of hidden 3200: OpenLLaMA 3B -> [6, 12, 18]; 32 layers of hidden 4096:
+    7B -> [8, 16, 24]) uses the paper's layers. Any other shape gets three evenly spaced layers
+    `floor(n * k / 4)` for k = 1, 2, 3 (deduplicated), e.g. n = 40 -> [10, 20, 30], n = 4 -> [1, 2, 3].
+    """
+    for preset in PRESETS.values():
+        if (preset["num_hidden_layers"], preset["hidden_size"]) == (num_hidden_layers, hidden_size):
+            return list(preset["mem_layers"])
+    return sorted({num_hidden_layers * k // 4 for k in (1, 2, 3)})
+
+
+def parse_size(size: int | str) -> int:
+    """`2GB` -> 2 * 10**9 bytes, `500MiB` -> 500 * 2**20 bytes; plain integers are bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise ConversionError(f"shard size {size!r} is not a size such as 2GB, 500MB or 1048576.")
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(match.group(1)) * base**power)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading the source
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceTensor:
+    name: str  # source name
+    target: str | None  # name in the output, None when dropped
+    shard: Path
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass
+class Plan:
+    """What a conversion will do, computed from the source headers only (no tensor data is read)."""
+
+    src: Path
+    format: str  # "safetensors" or "pytorch"
+    shards: list[Path]
+    config: LongLlamaConfig
+    tensors: list[SourceTensor] = field(default_factory=list)
+    dtype: str = "keep"
+
+    def out_dtype(self, tensor: SourceTensor) -> torch.dtype:
+        return tensor.dtype if self.dtype == "keep" else getattr(torch, self.dtype)
+
+    def out_bytes(self, tensor: SourceTensor) -> int:
+        return tensor.shape.numel() * self.out_dtype(tensor).itemsize if tensor.target else 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.out_bytes(t) for t in self.tensors)
+
+
+def find_shards(src: Path) -> tuple[str, list[Path]]:
+    """The weight files of a checkpoint directory, in the order the index lists them."""
+    for fmt, single, index in (
+        ("safetensors", "model.safetensors", "model.safetensors.index.json"),
+        ("pytorch", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (src / index).is_file():
+            weight_map = read_json(src / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(f"{src / index} has no weight_map.")
+            shards = [src / name for name in sorted(set(weight_map.values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise ConversionError(f"{shard.name} is listed in {index} but missing from {src}.")
+            return fmt, shards
+        if (src / single).is_file():
+            return fmt, [src / single]
+    raise ConversionError(f"{src} has no weights: expected model.safetensors, pytorch_model.bin or a sharded index.")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def read_headers(shard: Path, fmt: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor in a shard, without reading the data of a safetensors file."""
+    try:
+        if fmt == "safetensors":
+            with safe_open(shard, framework="pt") as f:
+                headers = []
+                for name in f.keys():
+                    tensor_slice = f.get_slice(name)
+                    headers.append((name, tuple(tensor_slice.get_shape()), safetensors_dtype(tensor_slice)))
+                return headers
+        state_dict = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+        return [(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
+    except Exception as exc:
+        raise ConversionError(f"cannot read {shard}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
+
+
+def safetensors_dtype(tensor_slice) -> torch.dtype:
+    names = {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    }
+    code = tensor_slice.get_dtype()
+    if code not in names:
+        raise ConversionError(f"unsupported safetensors dtype {code}")
+    return getattr(torch, names[code])
+
+
+def iter_tensors(shard: Path, fmt: str):
+    """(name, tensor) for every tensor of one shard; only that shard is open (the .bin one memory-mapped)."""
+    try:
+        if fmt == "safetensors":
+            with safe_open(shard, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        else:
+            state_dict = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
+            for name, tensor in state_dict.items():
+                yield name, tensor.clone()  # a .bin may share storage between tensors; safetensors refuses that
+    except Exception as exc:
+        raise ConversionError(f"cannot read {shard}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Target config and the weight map
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, dtype) -> LongLlamaConfig:
+    """LongLlamaConfig from the source config.json plus the options. A longllama source keeps its memory fields
+    unless an option overrides them; a llama source gets `default_mem_layers` and the LongLlamaConfig defaults."""
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{src} is not a checkpoint directory: {config_path.name} is missing.")
+    fields = read_json(config_path)
+    model_type = fields.get("model_type")
+    if model_type not in ("llama", "longllama"):
+        raise ConversionError(f"{config_path} has model_type {model_type!r}; only 'llama' and 'longllama' convert.")
+    for name in SOURCE_ONLY_FIELDS:
+        fields.pop(name, None)
+    num_layers = fields.get("num_hidden_layers", 32)
+    if mem_layers is None and model_type == "llama":
+        mem_layers = default_mem_layers(num_layers, fields.get("hidden_size", 4096))
+    if mem_layers is not None:
+        bad = [idx for idx in mem_layers if not 0 <= idx < num_layers]
+        if bad:
+            raise ConversionError(f"mem_layers {bad} out of range: the model has layers 0..{num_layers - 1}.")
+        fields["mem_layers"] = sorted(mem_layers)
+    overrides = dict(last_context_length=last_context_length, mem_dtype=mem_dtype, max_position_embeddings=window)
+    fields.update({name: value for name, value in overrides.items() if value is not None})
+    if dtype != "keep":
+        fields.pop("torch_dtype", None)
+        fields["dtype"] = dtype
+    fields["architectures"] = ["LongLlamaForCausalLM"]
+    try:
+        return LongLlamaConfig.from_dict(fields)
+    except (ValueError, TypeError) as exc:
+        raise ConversionError(f"invalid target config: {exc}".replace("\n", " ")) from exc
+
+
+def expected_shapes(config: LongLlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Target name -> shape of every tensor a LlamaForCausalLM with this config holds (biases when enabled)."""
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    layer = {
+        "self_attn.q_proj.weight": (q_out, hidden),
+        "self_attn.k_proj.weight": (kv_out, hidden),
+        "self_attn.v_proj.weight": (kv_out, hidden),
+        "self_attn.o_proj.weight": (hidden, q_out),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+    if config.attention_bias:
+        layer.update({f"self_attn.{p}_proj.bias": (n,) for p, n in zip("qkv", (q_out, kv_out, kv_out))})
+        layer["self_attn.o_proj.bias"] = (hidden,)
+    if config.mlp_bias:
+        layer.update({"mlp.gate_proj.bias": (inter,), "mlp.up_proj.bias": (inter,), "mlp.down_proj.bias": (hidden,)})
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
+    for idx in range(config.num_hidden_layers):
+        shapes.update({f"model.layers.{idx}.{name}": shape for name, shape in layer.items()})
+    return shapes
+
+
+def target_name(name: str, shard: Path) -> str | None:
+    """Map a source tensor name through WEIGHT_MAP; an unknown name is an error."""
+    layer = re.search(r"\.(\d+)\.", name)
+    key = name.replace(layer.group(0), ".{}.", 1) if layer else name
+    if key not in WEIGHT_MAP:
+        raise ConversionError(f"unknown tensor {name} in {shard.name}: not a Llama weight name.")
+    mapped = WEIGHT_MAP[key]
+    return mapped.format(layer.group(1)) if mapped and layer else mapped
+
+
+def make_plan(src: Path, config: LongLlamaConfig, dtype: str) -> Plan:
+    """Read every shard header, map names and check them against the target config before anything is written."""
+    fmt, shards = find_shards(src)
+    plan = Plan(src=src, format=fmt, shards=shards, config=config, dtype=dtype)
+    shapes = expected_shapes(config)
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        for name, shape, tensor_dtype in read_headers(shard, fmt):
+            if name in seen:
+                raise ConversionError(f"duplicate tensor {name}: in {seen[name].name} and {shard.name}.")
+            seen[name] = shard
+            target = target_name(name, shard)
+            if target is not None:
+                if target not in shapes:
+                    raise ConversionError(f"unexpected tensor {name} in {shard.name}: the config has no such weight.")
+                if shape != shapes[target]:
+                    raise ConversionError(
+                        f"tensor {name} in {shard.name} has shape {list(shape)}, "
+                        f"the config implies {list(shapes[target])}."
+                    )
+            plan.tensors.append(SourceTensor(name, target, shard, shape=torch.Size(shape), dtype=tensor_dtype))
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(shapes) - {t.target for t in plan.tensors} - optional)
+    if missing:
+        raise ConversionError(f"missing tensor {missing[0]} ({len(missing)} missing in all) in {src}.")
+    return plan
+
+
+def assign_output_shards(plan: Plan, shard_bytes: int) -> list[list[SourceTensor]]:
+    """Group the kept tensors, in source order, into output shards of at most shard_bytes (a bigger tensor alone)."""
+    groups, current, size = [], [], 0
+    for tensor in plan.tensors:
+        if tensor.target is None:
+            continue
+        nbytes = plan.out_bytes(tensor)
+        if current and size + nbytes > shard_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += nbytes
+    if current:
+        groups.append(current)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
+    """Stream source shards into output shards; at most one output shard of tensors is held at a time."""
+    groups = assign_output_shards(plan, shard_bytes)
+    names = ["model.safetensors"] if len(groups) == 1 else [
+        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
+    ]
+    shard_of = {t.name: i for i, group in enumerate(groups) for t in group}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    weight_map = {}
+    with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+        for shard in plan.shards:
+            for name, tensor in iter_tensors(shard, plan.format):
+                if name not in shard_of:
+                    continue  # dropped (rotary_emb.inv_freq)
+                target = target_name(name, shard)
+                index = shard_of[name]
+                if plan.dtype != "keep":
+                    tensor = tensor.to(getattr(torch, plan.dtype))
+                pending.setdefault(index, {})[target] = tensor.contiguous()
+                weight_map[target] = names[index]
+                bar.update(tensor.numel() * tensor.element_size())
+                if len(pending[index]) == len(groups[index]):
+                    save_file(pending.pop(index), out / names[index], metadata={"format": "pt"})
+    assert not pending, "every output shard is complete once all source shards are read"
+    if len(groups) > 1:
+        index_json = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+
+def write_side_files(plan: Plan, out: Path) -> None:
+    """config.json, generation_config.json, the remote-code files and any tokenizer files."""
+    plan.config.to_json_file(out / "config.json")
+    if (plan.src / "generation_config.json").is_file():
+        shutil.copy2(plan.src / "generation_config.json", out / "generation_config.json")
+    else:
+        tokens = {k: getattr(plan.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation = {k: v for k, v in tokens.items() if v is not None}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    code_dir = Path(longllama.modeling.__file__).parent
+    for name in CODE_FILES:
+        shutil.copy2(code_dir / name, out / name)
+    for name in TOKENIZER_FILES:
+        if (plan.src / name).is_file():
+            shutil.copy2(plan.src / name, out / name)
+
+
+def model_card(plan: Plan, dst: Path, options: dict) -> str:
+    config = plan.config
+    option_lines = "\n".join(f"- `{k}`: " + ("(default)" if v is None else f"`{v}`") for k, v in options.items())
+    return f"""---
+library_name: transformers
+tags:
+- longllama
+- focused-transformer
+---
+
+# LongLLaMA conversion of `{plan.src.name}`
+
+Converted by `longllama.conversion` from `{plan.src}` ({plan.format}, {len(plan.shards)} shard(s)).
+The weights are the source weights unchanged (names of `LlamaForCausalLM`); memory layers add no parameters
+(Focused Transformer, arXiv 2307.03170).
+
+Memory layers: `{config.mem_layers}`, window (`max_position_embeddings`): {config.max_position_embeddings},
+`last_context_length`: {config.last_context_length}, `mem_dtype`: `{config.mem_dtype}`.
+
+Options used:
+
+{option_lines}
+
+## Loading
+
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("{dst}", trust_remote_code=True)
+```
+
+With the `longllama` package installed, `import longllama` first and `trust_remote_code` is not needed. Up to
+`last_context_length` tokens the model gives the same outputs as the source Llama model.
+"""
+
+
+def describe(plan: Plan) -> str:
+    """The dry-run report."""
+    kept = [t for t in plan.tensors if t.target]
+    lines = [
+        f"source: {plan.src} ({plan.format}, {len(plan.shards)} shard(s): {', '.join(s.name for s in plan.shards)})",
+        f"tensors: {len(kept)} kept, {len(plan.tensors) - len(kept)} dropped; {plan.total_bytes:,} bytes of weights",
+        "config.json:",
+        plan.config.to_json_string(),
+    ]
+    return "\n".join(lines)
+
+
+def install(tmp: Path, dst: Path, force: bool) -> None:
+    """Move the finished tmp directory to dst; with force, an existing dst is replaced (set aside, then deleted)."""
+    if not dst.exists():
+        tmp.rename(dst)
+        return
+    if not force:
+        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
+    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
+    dst.rename(old)
+    try:
+        tmp.rename(dst)
+    except BaseException:
+        old.rename(dst)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def convert(
+    src,
+    dst,
+    *,
+    mem_layers: list[int] | None = None,
+    last_context_length: int | None = None,
+    mem_dtype: str | None = None,
+    window: int | None = None,
+    dtype: str = "keep",
+    shard_size: int | str = "2GB",
+    force: bool = False,
+    dry_run: bool = False,
+) -> Path:
+    """Convert the Llama (or LongLLaMA) checkpoint directory `src` into a LongLLaMA checkpoint at `dst`.
+
+    Args:
+        src: directory with config.json (model_type "llama" or "longllama") and model.safetensors, sharded
+            safetensors with model.safetensors.index.json, pytorch_model.bin, or sharded .bin with an index.
+        dst: output directory; must not exist unless `force`.
+        mem_layers: 0-based memory layers. Default: the source's own for a longllama source, else
+            `default_mem_layers` ([6, 12, 18] for OpenLLaMA 3B, [8, 16, 24] for 7B, otherwise
+            floor(n * k / 4) for k = 1, 2, 3 with n layers).
+        last_context_length, mem_dtype: LongLLaMA fields; default: the source's, else the LongLlamaConfig defaults.
+        window: `max_position_embeddings` (the context window); default: the source's.
+        dtype: "keep" or a dtype name the weights are cast to (config `dtype` follows).
+        shard_size: maximum output shard size, e.g. "2GB", "500MiB" or bytes.
+        force: replace an existing `dst`.
+        dry_run: print the plan and the resulting config.json; write nothing.
+
+    Returns:
+        `dst` as a Path. Raises `ConversionError` (a `ValueError`) with a one-line message on bad input; nothing is
+        left at `dst` (nor the temporary directory next to it) when anything fails.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"source {src} is not a directory.")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
+    if mem_dtype is not None and mem_dtype not in MEM_DTYPES:
+        raise ConversionError(f"mem_dtype {mem_dtype!r} is not one of {list(MEM_DTYPES)}.")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ConversionError(f"destination {dst} would overwrite the source {src}.")
+    if dst.exists() and not force and not dry_run:
+        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
+    shard_bytes = parse_size(shard_size)
+    config = build_config(src, mem_layers, last_context_length, mem_dtype, window, dtype)
+    plan = make_plan(src, config, dtype)
+    if dry_run:
+        print(describe(plan))
+        return dst
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    options = dict(
+        mem_layers=mem_layers, last_context_length=last_context_length, mem_dtype=mem_dtype, window=window,
+        dtype=dtype, shard_size=shard_size,
+    )
+    try:
+        write_weights(plan, tmp, shard_bytes)
+        write_side_files(plan, tmp)
+        (tmp / "README.md").write_text(model_card(plan, dst, options))
+        install(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices such as 6,12,18")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    invoked_as = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(
+        prog="python -m longllama.conversion" if invoked_as == "__main__.py" else invoked_as,
+        description=(
+            "Turn a local Hugging Face Llama checkpoint directory (e.g. OpenLLaMA 3B/7B) into a LongLLaMA checkpoint "
+            "that loads with AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True). Weights are copied "
+            "shard by shard (memory layers add no parameters); DST appears only when the conversion is complete."
+        ),
+        epilog=(
+            "Example: python -m longllama.conversion ./open_llama_3b ./long_open_llama_3b --mem-layers 6,12,18. "
+            "Default memory layers: [6,12,18] for 26 layers of hidden 3200 (OpenLLaMA 3B), [8,16,24] for 32 layers "
+            "of hidden 4096 (7B), otherwise floor(n*k/4) for k=1,2,3 with n layers; a longllama source keeps its own."
+        ),
+    )
+    parser.add_argument("src", type=Path, help="source checkpoint directory (config.json + weights)")
+    parser.add_argument("dst", type=Path, help="output directory (must not exist unless --force)")
+    parser.add_argument("--mem-layers", type=parse_layers, help="0-based memory layers, comma-separated: 6,12,18")
+    parser.add_argument("--last-context-length", type=int, help="tokens of the final local window (default 1024)")
+    parser.add_argument("--mem-dtype", choices=MEM_DTYPES, help="dtype of stored memory keys/values (default bfloat16)")
+    parser.add_argument("--window", type=int, help="context window = max_position_embeddings (default: source's)")
+    parser.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights (default: keep)")
+    parser.add_argument("--shard-size", default="2GB", help="maximum output shard size, e.g. 2GB, 500MB (default 2GB)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the config.json; write nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst")}
+    try:
+        dst = convert(args.src, args.dst, **options)
+    except ConversionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"wrote {dst}")
+    return 0
+
+
+__all__ = ["ConversionError", "PRESETS", "WEIGHT_MAP", "convert", "default_mem_layers", "main"]
