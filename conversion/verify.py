@@ -1,0 +1,164 @@
+"""Check a conversion numerically: the source and the converted checkpoint must give the same logits.
+
+    from longllama.conversion.verify import verify
+    diff = verify("./open_llama_3b", "./long_open_llama_3b")   # raises ConversionError when diff > atol
+
+Both models are loaded in float32, one after the other (the first is freed before the second is loaded), and run on
+the same seeded random token ids. The input is at most `last_context_length` tokens of the LongLLaMA side, where
+LongLLaMA is exactly the source Llama model (memory is only written for tokens before the last context).
+"""
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from .convert import ConversionError, find_shards, read_headers
+
+# Verify by default only when two fp32 copies of the model take less than this share of the available memory.
+DEFAULT_MEMORY_SHARE = 0.5
+
+
+def _model_type(path: Path) -> str:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{path} is not a checkpoint directory: config.json is missing.")
+    try:
+        fields = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{config_path} is not valid JSON: {exc}".replace("\n", " ")) from exc
+    model_type = fields.get("model_type")
+    if model_type not in ("llama", "longllama"):
+        raise ConversionError(f"{config_path} has model_type {model_type!r}; only 'llama' and 'longllama' verify.")
+    return model_type
+
+
+def _load(path: Path):
+    """A float32 model in eval mode: LongLlamaForCausalLM for a longllama checkpoint, else LlamaForCausalLM."""
+    if _model_type(path) == "longllama":
+        from longllama import LongLlamaForCausalLM as model_class
+    else:
+        model_class = LlamaForCausalLM
+    try:
+        model, info = model_class.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConversionError(f"cannot load {path}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = info.get("mismatched_keys") or []
+    if missing:
+        raise ConversionError(f"{path} lacks weight {missing[0]} ({len(missing)} missing in all).")
+    if mismatched:
+        raise ConversionError(f"{path} has a weight of the wrong shape: {mismatched[0]}.".replace("\n", " "))
+    return model.eval()
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+
+
+def verify(src, dst, *, tokens: int = 32, seed: int = 0, atol: float = 1e-4) -> float:
+    """Max abs difference between the logits of `src` and `dst` on one random input; raise if it exceeds `atol`.
+
+    Args:
+        src: the source checkpoint directory (model_type "llama", or "longllama": then loaded as LongLLaMA too).
+        dst: the converted checkpoint (loaded as `LongLlamaForCausalLM`; a "llama" dst, e.g. the output of
+            `to_llama`, is loaded as `LlamaForCausalLM`).
+        tokens: input length; capped at the `last_context_length` of whichever side is a LongLLaMA model.
+        seed: seed of the random token ids, drawn uniformly from [3, vocab_size) (ids 0-2 are the special tokens).
+        atol: largest allowed max abs logit difference.
+
+    Returns:
+        The max abs logit difference (a float). Raises `ConversionError` (one line) when it exceeds `atol`, when the
+        vocabularies differ or when either checkpoint cannot be loaded completely.
+    """
+    src, dst = Path(src), Path(dst)
+    for path in (src, dst):
+        if not path.is_dir():
+            raise ConversionError(f"{path} is not a directory.")
+    if tokens < 1:
+        raise ConversionError(f"tokens={tokens} must be at least 1.")
+
+    with torch.inference_mode():
+        model = _load(src)
+        config = model.config
+        length = min(tokens, getattr(config, "last_context_length", tokens))
+        vocab = config.vocab_size
+        # Draw the ids once we know the vocabulary; the cap from dst is applied by truncation below.
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, vocab, (1, tokens), generator=generator) if vocab > 3 else torch.zeros(1, tokens).long()
+        src_ids = ids[:, :length]
+        src_logits = model(src_ids).logits.float()
+        _free(model)
+
+        model = _load(dst)
+        config = model.config
+        if config.vocab_size != vocab:
+            _free(model)
+            raise ConversionError(f"vocab sizes differ: {src} has {vocab}, {dst} has {config.vocab_size}.")
+        length = min(length, getattr(config, "last_context_length", length))
+        dst_logits = model(ids[:, :length]).logits.float()
+        _free(model)
+
+    diff = (src_logits[:, :length] - dst_logits).abs().max().item()
+    if not diff <= atol:  # also catches NaN
+        raise ConversionError(
+            f"verification failed: max abs logit difference {diff:.3g} > atol {atol:g} on {length} tokens "
+            f"({src} vs {dst})."
+        )
+    return diff
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new processes: psutil when installed, else MemAvailable of /proc/meminfo."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the value is in kB
+    except OSError:
+        pass
+    return None
+
+
+def fp32_bytes(src) -> int:
+    """Size in float32 of every tensor of a checkpoint, read from the shard headers (no tensor data is read)."""
+    fmt, shards = find_shards(Path(src))
+    total = 0
+    for shard in shards:
+        for _, shape, _ in read_headers(shard, fmt):
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            total += 4 * numel
+    return total
+
+
+def should_verify_by_default(src) -> bool:
+    """Whether `verify` runs unless asked otherwise.
+
+    Rule: True when 2 x (fp32 size of the weights of `src`) < 50% of the available memory (psutil's `available`
+    when psutil is installed, else `MemAvailable` of /proc/meminfo). The two fp32 models are loaded one after the
+    other, so this leaves room for loading overhead and activations. False when the available memory cannot be
+    determined or the source cannot be read (the conversion itself reports a bad source).
+    """
+    available = available_memory()
+    if available is None:
+        return False
+    try:
+        size = fp32_bytes(src)
+    except (ConversionError, OSError):
+        return False
+    return 2 * size < DEFAULT_MEMORY_SHARE * available
+
+
+__all__ = ["available_memory", "fp32_bytes", "should_verify_by_default", "verify"]
