@@ -552,19 +552,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard-size", default="2GB", help="maximum output shard size, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the config.json; write nothing")
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after writing, load SRC and DST in float32 and compare their logits on min(32, last_context_length) "
+        "random tokens; fail if the max abs difference exceeds 1e-4 (default: on when 2 x the fp32 model size is "
+        "under 50%% of available memory and --dtype does not cast to bfloat16/float16)",
+    )
+    parser.add_argument(
+        "--to-llama",
+        action="store_true",
+        help="reverse direction: SRC is a LongLLaMA checkpoint and DST becomes a plain Llama checkpoint "
+        "(LlamaForCausalLM, no code files); --mem-layers, --last-context-length, --mem-dtype and --window do not apply",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst")}
+    from .to_llama import to_llama  # these modules import this one
+    from .verify import should_verify_by_default, verify
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst", "verify", "to_llama")}
+    if args.to_llama:
+        memory_options = ("mem_layers", "last_context_length", "mem_dtype", "window")
+        bad = [f"--{name.replace('_', '-')}" for name in memory_options if options[name] is not None]
+        if bad:
+            parser.error(f"{', '.join(bad)} cannot be used with --to-llama")
     try:
-        dst = convert(args.src, args.dst, **options)
+        if args.to_llama:
+            dst = to_llama(
+                args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size, force=args.force, dry_run=args.dry_run
+            )
+        else:
+            dst = convert(args.src, args.dst, **options)
+        if not args.dry_run:
+            print(f"wrote {dst}")
+            check = args.verify if args.verify is not None else should_verify_by_default(args.src, args.dtype)
+            if check:
+                print(f"verified: max abs logit difference {verify(args.src, dst):.3g}")
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(f"wrote {dst}")
     return 0
 
 

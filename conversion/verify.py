@@ -10,7 +10,6 @@ LongLLaMA is exactly the source Llama model (memory is only written for tokens b
 
 import gc
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .convert import ConversionError, find_shards, read_headers
 DEFAULT_MEMORY_SHARE = 0.5
 
 
-def _model_type(path: Path) -> str:
+def _config_fields(path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{path} is not a checkpoint directory: config.json is missing.")
@@ -30,7 +29,14 @@ def _model_type(path: Path) -> str:
         fields = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{config_path} is not valid JSON: {exc}".replace("\n", " ")) from exc
-    model_type = fields.get("model_type")
+    if not isinstance(fields, dict):
+        raise ConversionError(f"{config_path} is not a JSON object.")
+    return fields
+
+
+def _model_type(path: Path) -> str:
+    config_path = path / "config.json"
+    model_type = _config_fields(path).get("model_type")
     if model_type not in ("llama", "longllama"):
         raise ConversionError(f"{config_path} has model_type {model_type!r}; only 'llama' and 'longllama' verify.")
     return model_type
@@ -47,17 +53,12 @@ def _load(path: Path):
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConversionError(f"cannot load {path}: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
     missing = sorted(info.get("missing_keys") or [])
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(map(str, info.get("mismatched_keys") or []))
     if missing:
         raise ConversionError(f"{path} lacks weight {missing[0]} ({len(missing)} missing in all).")
     if mismatched:
         raise ConversionError(f"{path} has a weight of the wrong shape: {mismatched[0]}.".replace("\n", " "))
     return model.eval()
-
-
-def _free(model) -> None:
-    del model
-    gc.collect()
 
 
 def verify(src, dst, *, tokens: int = 32, seed: int = 0, atol: float = 1e-4) -> float:
@@ -67,7 +68,7 @@ def verify(src, dst, *, tokens: int = 32, seed: int = 0, atol: float = 1e-4) -> 
         src: the source checkpoint directory (model_type "llama", or "longllama": then loaded as LongLLaMA too).
         dst: the converted checkpoint (loaded as `LongLlamaForCausalLM`; a "llama" dst, e.g. the output of
             `to_llama`, is loaded as `LlamaForCausalLM`).
-        tokens: input length; capped at the `last_context_length` of whichever side is a LongLLaMA model.
+        tokens: input length; capped at the `last_context_length` of each side that is a LongLLaMA model.
         seed: seed of the random token ids, drawn uniformly from [3, vocab_size) (ids 0-2 are the special tokens).
         atol: largest allowed max abs logit difference.
 
@@ -82,28 +83,31 @@ def verify(src, dst, *, tokens: int = 32, seed: int = 0, atol: float = 1e-4) -> 
     if tokens < 1:
         raise ConversionError(f"tokens={tokens} must be at least 1.")
 
+    # Cap the input before loading anything: the LongLLaMA side(s) equal Llama on <= last_context_length tokens.
+    length = tokens
+    for path in (src, dst):
+        cap = _config_fields(path).get("last_context_length")
+        if isinstance(cap, int) and cap >= 1:
+            length = min(length, cap)
+
     with torch.inference_mode():
         model = _load(src)
-        config = model.config
-        length = min(tokens, getattr(config, "last_context_length", tokens))
-        vocab = config.vocab_size
-        # Draw the ids once we know the vocabulary; the cap from dst is applied by truncation below.
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, vocab, (1, tokens), generator=generator) if vocab > 3 else torch.zeros(1, tokens).long()
-        src_ids = ids[:, :length]
-        src_logits = model(src_ids).logits.float()
-        _free(model)
+        vocab = model.config.vocab_size
+        if vocab <= 3:
+            raise ConversionError(f"vocab_size {vocab} of {src} leaves no ids in [3, vocab_size) to test with.")
+        ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+        src_logits = model(ids).logits.float()
+        del model  # free the source model before the converted one is loaded
+        gc.collect()
 
         model = _load(dst)
-        config = model.config
-        if config.vocab_size != vocab:
-            _free(model)
-            raise ConversionError(f"vocab sizes differ: {src} has {vocab}, {dst} has {config.vocab_size}.")
-        length = min(length, getattr(config, "last_context_length", length))
-        dst_logits = model(ids[:, :length]).logits.float()
-        _free(model)
+        if model.config.vocab_size != vocab:
+            raise ConversionError(f"vocab sizes differ: {src} has {vocab}, {dst} has {model.config.vocab_size}.")
+        dst_logits = model(ids).logits.float()
+        del model
+        gc.collect()
 
-    diff = (src_logits[:, :length] - dst_logits).abs().max().item()
+    diff = (src_logits - dst_logits).abs().max().item()
     if not diff <= atol:  # also catches NaN
         raise ConversionError(
             f"verification failed: max abs logit difference {diff:.3g} > atol {atol:g} on {length} tokens "
@@ -143,14 +147,18 @@ def fp32_bytes(src) -> int:
     return total
 
 
-def should_verify_by_default(src) -> bool:
+def should_verify_by_default(src, dtype: str = "keep") -> bool:
     """Whether `verify` runs unless asked otherwise.
 
     Rule: True when 2 x (fp32 size of the weights of `src`) < 50% of the available memory (psutil's `available`
     when psutil is installed, else `MemAvailable` of /proc/meminfo). The two fp32 models are loaded one after the
     other, so this leaves room for loading overhead and activations. False when the available memory cannot be
-    determined or the source cannot be read (the conversion itself reports a bad source).
+    determined or the source cannot be read (the conversion itself reports a bad source), and False when the
+    conversion casts the weights (`dtype` other than "keep" / "float32"): rounding then moves the logits by far
+    more than verify's default atol, so the check would fail by design.
     """
+    if dtype not in ("keep", "float32"):
+        return False
     available = available_memory()
     if available is None:
         return False

@@ -454,6 +454,7 @@ def test_main_exit_codes(source, tmp_path, capsys):
     assert main(args) == 2
     assert "error: " in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+    assert "verified: max abs logit difference" in capsys.readouterr().out  # on by default for a small fp32 model
     assert main([str(source), str(tmp_path / "other"), "--mem-layers", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: mem_layers [9] out of range") and err.count("\n") == 1

@@ -1,0 +1,187 @@
+"""Turn a LongLLaMA checkpoint back into a plain Llama checkpoint (`LlamaForCausalLM`, no remote code).
+
+LongLLaMA stores the weights of a `LlamaForCausalLM` under the same names (memory layers add no parameters), so this
+is the converter's streaming copy in reverse: config.json loses the LongLLaMA fields, the weights are copied shard by
+shard (`rotary_emb.inv_freq` buffers of published checkpoints are dropped), tokenizer files and
+generation_config.json are copied, code files are not. The result equals the LongLLaMA model on inputs of at most
+`last_context_length` tokens; it has no memory, so longer inputs are plain (windowless) Llama attention.
+
+    from longllama.conversion.to_llama import to_llama
+    to_llama("./long_llama_3b", "./llama_3b")
+"""
+
+import json
+import secrets
+import shutil
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+from .convert import (
+    DTYPES,
+    SOURCE_ONLY_FIELDS,
+    TOKENIZER_FILES,
+    ConversionError,
+    Plan,
+    install,
+    make_plan,
+    parse_size,
+    read_json,
+    write_weights,
+)
+from longllama.modeling.configuration_longllama import LongLlamaConfig
+
+# config.json fields that only LongLLaMA has; none of them reaches the Llama config.
+LONGLLAMA_FIELDS = (
+    "mem_layers",
+    "mem_positionals",
+    "mem_dtype",
+    "mem_attention_grouping",
+    "mem_attention_implementation",
+    "last_context_length",
+    "torch_attention",
+    "gradient_checkpoint_every_ith",
+)
+
+
+def read_source_config(src: Path) -> dict:
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"{src} is not a checkpoint directory: {config_path.name} is missing.")
+    fields = read_json(config_path)
+    model_type = fields.get("model_type")
+    if model_type == "llama":
+        raise ConversionError(f"{src} is already a Llama checkpoint (model_type 'llama'); nothing to convert.")
+    if model_type != "longllama":
+        raise ConversionError(f"{config_path} has model_type {model_type!r}; only 'longllama' converts to Llama.")
+    return fields
+
+
+def build_configs(fields: dict, dtype: str) -> tuple[LongLlamaConfig, LlamaConfig]:
+    """(LongLlamaConfig of the source, for the shape check; LlamaConfig of the output)."""
+    fields = {k: v for k, v in fields.items() if k not in SOURCE_ONLY_FIELDS}
+    if dtype != "keep":
+        fields.pop("torch_dtype", None)
+        fields["dtype"] = dtype
+    try:
+        source = LongLlamaConfig.from_dict(dict(fields))
+    except (ValueError, TypeError) as exc:
+        raise ConversionError(f"invalid source config: {exc}".replace("\n", " ")) from exc
+    # Rebuild from the normalised source config (rope_theta / torch_dtype of published configs are mapped there).
+    llama_fields = {k: v for k, v in source.to_dict().items() if k not in LONGLLAMA_FIELDS + SOURCE_ONLY_FIELDS}
+    llama_fields["architectures"] = ["LlamaForCausalLM"]
+    try:
+        target = LlamaConfig.from_dict(llama_fields)
+    except (ValueError, TypeError) as exc:
+        raise ConversionError(f"invalid target config: {exc}".replace("\n", " ")) from exc
+    for name in LONGLLAMA_FIELDS + ("auto_map",):
+        if hasattr(target, name):
+            delattr(target, name)
+    return source, target
+
+
+def llama_config_json(config: LlamaConfig) -> str:
+    text = config.to_json_string()
+    fields = json.loads(text)
+    leaked = [k for k in LONGLLAMA_FIELDS + ("auto_map",) if k in fields]
+    if leaked:  # defensive: the LlamaConfig must not carry LongLLaMA fields
+        for name in leaked:
+            fields.pop(name)
+        text = json.dumps(fields, indent=2, sort_keys=True) + "\n"
+    return text
+
+
+def model_card(plan: Plan, src_fields: dict, dst: Path) -> str:
+    return f"""---
+library_name: transformers
+tags:
+- llama
+---
+
+# Llama export of the LongLLaMA checkpoint `{plan.src.name}`
+
+Converted by `longllama.conversion.to_llama` from `{plan.src}` ({plan.format}, {len(plan.shards)} shard(s)).
+The weights are the LongLLaMA weights unchanged; the memory fields (`mem_layers` {src_fields.get("mem_layers")},
+`last_context_length` {src_fields.get("last_context_length")}) are dropped. This model has no external memory: it
+gives the same outputs as the LongLLaMA model on inputs of at most `last_context_length` tokens.
+
+## Loading
+
+```python
+from transformers import LlamaForCausalLM
+
+model = LlamaForCausalLM.from_pretrained("{dst}")
+```
+"""
+
+
+def to_llama(
+    src,
+    dst,
+    *,
+    dtype: str = "keep",
+    shard_size: int | str = "2GB",
+    force: bool = False,
+    dry_run: bool = False,
+) -> Path:
+    """Convert the LongLLaMA checkpoint directory `src` into a plain Llama checkpoint at `dst`.
+
+    Args:
+        src: directory with config.json (model_type "longllama"; our format or the published one with
+            pytorch_model.bin, `rotary_emb.inv_freq` buffers, `torch_dtype`, `rope_theta`, no `num_key_value_heads`).
+        dst: output directory; must not exist unless `force`.
+        dtype: "keep" or a dtype name the weights are cast to (config `dtype` follows).
+        shard_size: maximum output shard size, e.g. "2GB", "500MiB" or bytes.
+        force: replace an existing `dst`.
+        dry_run: print the plan and the resulting config.json; write nothing.
+
+    Returns:
+        `dst` as a Path. Raises `ConversionError` with a one-line message on bad input; nothing is left at `dst` (nor
+        the temporary directory next to it) when anything fails.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConversionError(f"source {src} is not a directory.")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ConversionError(f"destination {dst} would overwrite the source {src}.")
+    if dst.exists() and not force and not dry_run:
+        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
+    shard_bytes = parse_size(shard_size)
+    fields = read_source_config(src)
+    source_config, target_config = build_configs(fields, dtype)
+    plan = make_plan(src, source_config, dtype)
+    config_json = llama_config_json(target_config)
+    if dry_run:
+        kept = [t for t in plan.tensors if t.target]
+        shard_names = ", ".join(s.name for s in plan.shards)
+        print(f"source: {plan.src} ({plan.format}, {len(plan.shards)} shard(s): {shard_names})")
+        print(f"tensors: {len(kept)} kept, {len(plan.tensors) - len(kept)} dropped; {plan.total_bytes:,} bytes")
+        print(f"config.json:\n{config_json}")
+        return dst
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write_weights(plan, tmp, shard_bytes)
+        (tmp / "config.json").write_text(config_json)
+        if (src / "generation_config.json").is_file():
+            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+        else:
+            tokens = {k: getattr(target_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            generation = {k: v for k, v in tokens.items() if v is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "README.md").write_text(model_card(plan, fields, dst))
+        install(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+__all__ = ["LONGLLAMA_FIELDS", "to_llama"]
