@@ -361,21 +361,26 @@ def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
 
+def copy_generation_and_tokenizer(src: Path, out: Path, config) -> None:
+    """generation_config.json (copied, or bos/eos/pad from `config`) and any tokenizer files, verbatim."""
+    if (src / "generation_config.json").is_file():
+        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+    else:
+        tokens = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        generation = {k: v for k, v in tokens.items() if v is not None}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
 def write_side_files(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, the remote-code files and any tokenizer files."""
     plan.config.to_json_file(out / "config.json")
-    if (plan.src / "generation_config.json").is_file():
-        shutil.copy2(plan.src / "generation_config.json", out / "generation_config.json")
-    else:
-        tokens = {k: getattr(plan.config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        generation = {k: v for k, v in tokens.items() if v is not None}
-        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    copy_generation_and_tokenizer(plan.src, out, plan.config)
     code_dir = Path(longllama.modeling.__file__).parent
     for name in CODE_FILES:
         shutil.copy2(code_dir / name, out / name)
-    for name in TOKENIZER_FILES:
-        if (plan.src / name).is_file():
-            shutil.copy2(plan.src / name, out / name)
 
 
 def model_card(plan: Plan, dst: Path, options: dict) -> str:
@@ -424,6 +429,33 @@ def describe(plan: Plan) -> str:
         plan.config.to_json_string(),
     ]
     return "\n".join(lines)
+
+
+def check_paths(src: Path, dst: Path, dtype: str, force: bool, dry_run: bool) -> None:
+    """The checks every conversion makes before reading anything."""
+    if not src.is_dir():
+        raise ConversionError(f"source {src} is not a directory.")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ConversionError(f"destination {dst} would overwrite the source {src}.")
+    if dst.exists() and not force and not dry_run:
+        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
+
+
+def write_atomically(dst: Path, force: bool, fill) -> Path:
+    """Call `fill(tmp)` on a new directory next to `dst`, then move it to `dst` (`install`). On any failure,
+    Ctrl-C included, the temporary directory is removed and `dst` is left as it was."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        install(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
 
 
 def install(tmp: Path, dst: Path, force: bool) -> None:
@@ -480,16 +512,9 @@ def convert(
         left at `dst` (nor the temporary directory next to it) when anything fails.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ConversionError(f"source {src} is not a directory.")
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
+    check_paths(src, dst, dtype, force, dry_run)
     if mem_dtype is not None and mem_dtype not in MEM_DTYPES:
         raise ConversionError(f"mem_dtype {mem_dtype!r} is not one of {list(MEM_DTYPES)}.")
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
-        raise ConversionError(f"destination {dst} would overwrite the source {src}.")
-    if dst.exists() and not force and not dry_run:
-        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
     shard_bytes = parse_size(shard_size)
     config = build_config(src, mem_layers, last_context_length, mem_dtype, window, dtype)
     plan = make_plan(src, config, dtype)
@@ -497,22 +522,17 @@ def convert(
         print(describe(plan))
         return dst
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
     options = dict(
         mem_layers=mem_layers, last_context_length=last_context_length, mem_dtype=mem_dtype, window=window,
         dtype=dtype, shard_size=shard_size,
     )
-    try:
-        write_weights(plan, tmp, shard_bytes)
-        write_side_files(plan, tmp)
-        (tmp / "README.md").write_text(model_card(plan, dst, options))
-        install(tmp, dst, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+
+    def fill(out: Path) -> None:
+        write_weights(plan, out, shard_bytes)
+        write_side_files(plan, out)
+        (out / "README.md").write_text(model_card(plan, dst, options))
+
+    return write_atomically(dst, force, fill)
 
 
 # --------------------------------------------------------------------------------------------------------------------

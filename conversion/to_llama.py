@@ -11,22 +11,20 @@ generation_config.json are copied, code files are not. The result equals the Lon
 """
 
 import json
-import secrets
-import shutil
 from pathlib import Path
 
 from transformers import LlamaConfig
 
 from .convert import (
-    DTYPES,
     SOURCE_ONLY_FIELDS,
-    TOKENIZER_FILES,
     ConversionError,
     Plan,
-    install,
+    check_paths,
+    copy_generation_and_tokenizer,
     make_plan,
     parse_size,
     read_json,
+    write_atomically,
     write_weights,
 )
 from longllama.modeling.configuration_longllama import LongLlamaConfig
@@ -140,14 +138,7 @@ def to_llama(
         the temporary directory next to it) when anything fails.
     """
     src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise ConversionError(f"source {src} is not a directory.")
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}.")
-    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
-        raise ConversionError(f"destination {dst} would overwrite the source {src}.")
-    if dst.exists() and not force and not dry_run:
-        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
+    check_paths(src, dst, dtype, force, dry_run)
     shard_bytes = parse_size(shard_size)
     fields = read_source_config(src)
     source_config, target_config = build_configs(fields, dtype)
@@ -161,27 +152,13 @@ def to_llama(
         print(f"config.json:\n{config_json}")
         return dst
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        write_weights(plan, tmp, shard_bytes)
-        (tmp / "config.json").write_text(config_json)
-        if (src / "generation_config.json").is_file():
-            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
-        else:
-            tokens = {k: getattr(target_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            generation = {k: v for k, v in tokens.items() if v is not None}
-            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        (tmp / "README.md").write_text(model_card(plan, fields, dst))
-        install(tmp, dst, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    def fill(out: Path) -> None:
+        write_weights(plan, out, shard_bytes)
+        (out / "config.json").write_text(config_json)
+        copy_generation_and_tokenizer(src, out, target_config)
+        (out / "README.md").write_text(model_card(plan, fields, dst))
+
+    return write_atomically(dst, force, fill)
 
 
 __all__ = ["LONGLLAMA_FIELDS", "to_llama"]
