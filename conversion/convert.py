@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "added_tokens.json",
 )
+SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "padding_side")
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 # config.json fields that describe the source class rather than the architecture
 SOURCE_ONLY_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
@@ -361,8 +362,10 @@ def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
         (out / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
 
-def copy_generation_and_tokenizer(src: Path, out: Path, config) -> None:
-    """generation_config.json (copied, or bos/eos/pad from `config`) and any tokenizer files, verbatim."""
+def copy_generation_and_tokenizer(src: Path, out: Path, config, longllama_tokenizer: bool) -> None:
+    """generation_config.json (copied, or bos/eos/pad from `config`) and the tokenizer files. A sentencepiece
+    `tokenizer.model` gets a tokenizer_config.json naming `LongLlamaTokenizer` (exact sentencepiece ids, shipped as
+    remote code) when `longllama_tokenizer`, else transformers' `LlamaTokenizer`."""
     if (src / "generation_config.json").is_file():
         shutil.copy2(src / "generation_config.json", out / "generation_config.json")
     else:
@@ -372,12 +375,35 @@ def copy_generation_and_tokenizer(src: Path, out: Path, config) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
+    if (src / "tokenizer.model").is_file():
+        write_tokenizer_config(src, out, longllama_tokenizer)
+
+
+def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> None:
+    """tokenizer_config.json for a sentencepiece tokenizer.model, keeping the source's special-token strings.
+
+    transformers 5's own `LlamaTokenizer` converts tokenizer.model to a BPE that gives other ids than sentencepiece
+    on runs of spaces and leading whitespace for OpenLLaMA's model, so LongLLaMA checkpoints name
+    `LongLlamaTokenizer` (modeling/tokenization_longllama.py, copied next to it), which runs sentencepiece itself."""
+    path = src / "tokenizer_config.json"
+    source = read_json(path) if path.is_file() else {}
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config.update({k: source[k] for k in SPECIAL_TOKEN_FIELDS if k in source})
+    config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False, legacy=True)
+    if longllama_tokenizer:
+        config["tokenizer_class"] = "LongLlamaTokenizer"
+        config["auto_map"] = {"AutoTokenizer": ["tokenization_longllama.LongLlamaTokenizer", None]}
+        code_dir = Path(longllama.modeling.__file__).parent
+        shutil.copy2(code_dir / "tokenization_longllama.py", out / "tokenization_longllama.py")
+    else:
+        config["tokenizer_class"] = "LlamaTokenizer"
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_side_files(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, the remote-code files and any tokenizer files."""
     plan.config.to_json_file(out / "config.json")
-    copy_generation_and_tokenizer(plan.src, out, plan.config)
+    copy_generation_and_tokenizer(plan.src, out, plan.config, longllama_tokenizer=True)
     code_dir = Path(longllama.modeling.__file__).parent
     for name in CODE_FILES:
         shutil.copy2(code_dir / name, out / name)

@@ -155,7 +155,7 @@ def to_llama(
     def fill(out: Path) -> None:
         write_weights(plan, out, shard_bytes)
         (out / "config.json").write_text(config_json)
-        copy_generation_and_tokenizer(src, out, target_config)
+        copy_generation_and_tokenizer(src, out, target_config, longllama_tokenizer=False)
         (out / "README.md").write_text(model_card(plan, fields, dst))
 
     return write_atomically(dst, force, fill)

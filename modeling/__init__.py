@@ -3,5 +3,13 @@
 from .configuration_longllama import LongLlamaConfig
 from .memory_longllama import LongLlamaCache
 from .modeling_longllama import LongLlamaForCausalLM, LongLlamaModel, LongLlamaPreTrainedModel
+from .tokenization_longllama import LongLlamaTokenizer
 
-__all__ = ["LongLlamaCache", "LongLlamaConfig", "LongLlamaForCausalLM", "LongLlamaModel", "LongLlamaPreTrainedModel"]
+__all__ = [
+    "LongLlamaCache",
+    "LongLlamaConfig",
+    "LongLlamaForCausalLM",
+    "LongLlamaModel",
+    "LongLlamaPreTrainedModel",
+    "LongLlamaTokenizer",
+]
