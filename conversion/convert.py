@@ -389,7 +389,12 @@ def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> N
     source = read_json(path) if path.is_file() else {}
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config.update({k: source[k] for k in SPECIAL_TOKEN_FIELDS if k in source})
-    config.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False, legacy=True)
+    config.update(
+        add_bos_token=source.get("add_bos_token", True),  # BOS as the source adds it (Llama tokenizers do)
+        add_eos_token=source.get("add_eos_token", False),
+        clean_up_tokenization_spaces=False,
+        legacy=True,
+    )
     if longllama_tokenizer:
         config["tokenizer_class"] = "LongLlamaTokenizer"
         config["auto_map"] = {"AutoTokenizer": ["tokenization_longllama.LongLlamaTokenizer", None]}

@@ -17,7 +17,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import longllama  # noqa: F401  (registers the longllama model type)
 from longllama import LongLlamaForCausalLM
 from longllama.conversion import convert as convert_module
-from longllama.conversion.convert import ConversionError, build_config, convert, default_mem_layers, main
+from longllama.conversion.convert import (
+    ConversionError,
+    build_config,
+    convert,
+    default_mem_layers,
+    expected_shapes,
+    main,
+)
 
 CODE_FILES = ["configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py"]
 TOKENS = 6  # <= last_context_length below: the converted model must equal the source Llama exactly
@@ -291,6 +298,10 @@ def test_full_shape_configs_get_the_paper_layers(tmp_path, shape, expected):
     config.save_pretrained(tmp_path)
     target = build_config(tmp_path, None, None, None, None, "keep")
     assert target.mem_layers == expected and target.num_hidden_layers == layers
+    # the converter's shape check agrees with the real model of that shape (built on the meta device: no memory)
+    with torch.device("meta"):
+        reference = {name: tuple(t.shape) for name, t in LlamaForCausalLM(config).state_dict().items()}
+    assert expected_shapes(target) == reference
 
 
 # --------------------------------------------------------------------------------------------------------------------
