@@ -124,17 +124,9 @@ def nbytes(shape: tuple[int, ...], dtype: str) -> int:
 
 def group_shards(specs, shard_bytes: int) -> list[list[tuple]]:
     """Greedy grouping in order into shards of at most shard_bytes (a bigger tensor alone), like transformers."""
-    groups, current, size = [], [], 0
-    for spec in specs:
-        n = nbytes(spec[1], spec[2])
-        if current and size + n > shard_bytes:
-            groups.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += n
-    if current:
-        groups.append(current)
-    return groups
+    from longllama.conversion.convert import group_by_size
+
+    return group_by_size(specs, lambda spec: nbytes(spec[1], spec[2]), shard_bytes)
 
 
 def write_source(src: Path, layers: int, shard_bytes: int) -> dict:

@@ -310,21 +310,24 @@ def make_plan(src: Path, config: LongLlamaConfig, dtype: str) -> Plan:
     return plan
 
 
-def assign_output_shards(plan: Plan, shard_bytes: int) -> list[list[SourceTensor]]:
-    """Group the kept tensors, in source order, into output shards of at most shard_bytes (a bigger tensor alone)."""
+def group_by_size(items, size_of, limit: int) -> list[list]:
+    """Greedy grouping, in order, into groups of at most `limit` bytes (an item bigger than `limit` alone)."""
     groups, current, size = [], [], 0
-    for tensor in plan.tensors:
-        if tensor.target is None:
-            continue
-        nbytes = plan.out_bytes(tensor)
-        if current and size + nbytes > shard_bytes:
+    for item in items:
+        nbytes = size_of(item)
+        if current and size + nbytes > limit:
             groups.append(current)
             current, size = [], 0
-        current.append(tensor)
+        current.append(item)
         size += nbytes
     if current:
         groups.append(current)
     return groups
+
+
+def assign_output_shards(plan: Plan, shard_bytes: int) -> list[list[SourceTensor]]:
+    """Group the kept tensors, in source order, into output shards of at most shard_bytes (a bigger tensor alone)."""
+    return group_by_size([t for t in plan.tensors if t.target is not None], plan.out_bytes, shard_bytes)
 
 
 # --------------------------------------------------------------------------------------------------------------------
