@@ -9,6 +9,9 @@ In transformers 5.x `LlamaTokenizer` is a `tokenizers` BPE converted from `token
 Ships in checkpoint directories as remote code (`auto_map` in tokenizer_config.json); imports only transformers.
 """
 
+import json
+import os
+
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
@@ -106,9 +109,6 @@ class LongLlamaTokenizer(SentencePieceBackend):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also records add_bos_token / add_eos_token in tokenizer_config.json (transformers 5 drops them)."""
-        import json
-        import os
-
         files = super().save_pretrained(save_directory, *args, **kwargs)
         prefix = kwargs.get("filename_prefix")
         path = os.path.join(str(save_directory), (prefix + "-" if prefix else "") + "tokenizer_config.json")
