@@ -40,15 +40,16 @@ and the same --workdir, a later run reuses the source checkpoint instead of gene
 
 import argparse
 import json
+import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from harness import current_rss, emit_result, format_table, peak_rss, run_worker
 
 SHAPE = dict(
     vocab_size=32000,
@@ -66,7 +67,6 @@ RSS_TARGET_RATIO = 2.0  # peak RSS < 2x the largest shard
 THROUGHPUT_TARGET = 0.5  # conversion >= 50% of the copy's throughput
 GB = 10**9
 MB = 10**6
-RESULT_MARKER = "BENCHMARK-RESULT "
 SPEC_FILE = "benchmark-spec.json"
 
 
@@ -116,10 +116,7 @@ def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * {"bfloat16": 2, "float32": 4}[dtype]
+    return math.prod(shape) * {"bfloat16": 2, "float32": 4}[dtype]
 
 
 def group_shards(specs, shard_bytes: int) -> list[list[tuple]]:
@@ -180,22 +177,6 @@ def read_all(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- measurements (worker)
-
-
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (/proc, else psutil)."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (ru_maxrss is in KB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class RssSampler(threading.Thread):
@@ -291,27 +272,10 @@ def worker_main(spec: dict) -> None:
         expected_mem_layers=default_mem_layers(layers, SHAPE["hidden_size"]),
         tensors_equal=check_tensors(Path(spec["src"]), dst, check),
     )
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    emit_result(result)
 
 
 # -------------------------------------------------------------------------------------------------- driver (parent)
-
-
-def run_worker(spec: dict, timeout: float | None) -> dict:
-    """Run one conversion in a fresh interpreter; returns its result or {"error": ...}."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if done.returncode != 0 or not lines:
-        killed = " (killed: out of memory?)" if done.returncode == -9 else ""
-        return {"error": f"worker exit code {done.returncode}{killed}"}
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
-    result["worker_wall_s"] = time.perf_counter() - start
-    return result
 
 
 def timed_copy(src: Path, scratch: Path) -> dict:
@@ -379,7 +343,7 @@ def collect(args) -> dict:
                 print(f"[bench]   copy {result['seconds']:.1f} s", file=sys.stderr, flush=True)
             else:
                 spec = dict(src=str(src), dst=str(scratch), shard_size=args.shard_size, layers=layers)
-                result = run_worker(spec, args.timeout)
+                result = run_worker(__file__, spec, args.timeout)
                 results["conversions"].append(result)
                 if "error" in result:
                     print(f"[bench]   conversion failed: {result['error']}", file=sys.stderr, flush=True)
@@ -493,12 +457,6 @@ def report(results: dict) -> str:
         f"Targets (largest shard, source or output: {largest / MB:.0f} MB)",
         ["figure", "value", "target", "measured", "met?"], rows)
     return "\n".join([header, run_table, figures])
-
-
-def format_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([title, line(headers), "-+-".join("-" * w for w in widths), *map(line, rows), ""])
 
 
 def plot(results: dict, path: str) -> None:

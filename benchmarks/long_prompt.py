@@ -41,10 +41,10 @@ import argparse
 import gc
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
+
+from harness import current_rss, emit_result, format_table, peak_rss, run_worker
 
 CONFIG = dict(
     vocab_size=32000,
@@ -63,26 +63,7 @@ SPEEDUP_TARGET_TOKENS = 32 * 1024
 KERNEL_FRACTION_TARGET = 0.5
 RSS_RATIO_TARGET = 1.5
 MB = 1 << 20
-RESULT_MARKER = "BENCHMARK-RESULT "
-
-
 # ----------------------------------------------------------------------------------------------- measurements (worker)
-
-
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (psutil if installed, else /proc)."""
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (ru_maxrss is in KB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_longllama():
@@ -243,28 +224,19 @@ def worker_main(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     result = measure_kernel(spec) if spec["kind"] == "kernel" else measure_model(spec)
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    emit_result(result)
 
 
 # -------------------------------------------------------------------------------------------------- driver (parent)
 
 
-def run_worker(spec: dict, timeout: float | None) -> dict:
-    """Run one measurement in a fresh interpreter; returns its result or {"error": ...}."""
-    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+def measure(spec: dict, timeout: float | None) -> dict:
+    """One measurement in a fresh interpreter, announced on stderr."""
     label = " ".join(f"{k}={v}" for k, v in spec.items() if k != "threads")
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARKER)]
-    if done.returncode != 0 or not lines:
-        killed = " (killed: out of memory?)" if done.returncode == -9 else ""
-        return {"error": f"worker exit code {done.returncode}{killed}"}
-    result = json.loads(lines[-1][len(RESULT_MARKER):])
-    print(f"[bench]   done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    result = run_worker(__file__, spec, timeout)
+    if "worker_wall_s" in result:
+        print(f"[bench]   done in {result['worker_wall_s']:.1f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -309,14 +281,14 @@ def collect(args, lengths: list[int]) -> dict:
         spec = dict(base, kind="model", model="longllama", length=length)
         if length == longest and args.generate_tokens > 0:
             spec["generate_tokens"] = args.generate_tokens
-        results["longllama"][length] = run_worker(spec, args.timeout)
+        results["longllama"][length] = measure(spec, args.timeout)
         if length <= args.llama_max_tokens:
             spec = dict(base, kind="model", model="llama", length=length)
-            results["llama"][length] = run_worker(spec, args.timeout)
+            results["llama"][length] = measure(spec, args.timeout)
         else:
             results["llama"][length] = {"skipped": f"n/a (does not fit: > --llama-max-tokens {args.llama_max_tokens})"}
     memory_tokens = max(longest - CONFIG["last_context_length"], 1)
-    results["kernel"] = run_worker(dict(base, kind="kernel", memory_tokens=memory_tokens), args.timeout)
+    results["kernel"] = measure(dict(base, kind="kernel", memory_tokens=memory_tokens), args.timeout)
     results["load_average_end"] = os.getloadavg()
     return results
 
@@ -416,12 +388,6 @@ def kernel_and_generate_rows(results: dict) -> list[list[str]]:
     else:
         rows.append([label, "not run (--generate-tokens 0)", "completes", met(None)])
     return rows
-
-
-def format_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([title, line(headers), "-+-".join("-" * w for w in widths), *map(line, rows), ""])
 
 
 def report(results: dict) -> str:

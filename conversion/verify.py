@@ -10,6 +10,7 @@ LongLLaMA is exactly the source Llama model (memory is only written for tokens b
 
 import gc
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -137,14 +138,7 @@ def available_memory() -> int | None:
 def fp32_bytes(src) -> int:
     """Size in float32 of every tensor of a checkpoint, read from the shard headers (no tensor data is read)."""
     fmt, shards = find_shards(Path(src))
-    total = 0
-    for shard in shards:
-        for _, shape, _ in read_headers(shard, fmt):
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            total += 4 * numel
-    return total
+    return sum(4 * math.prod(shape) for shard in shards for _, shape, _ in read_headers(shard, fmt))
 
 
 def should_verify_by_default(src, dtype: str = "keep") -> bool:
