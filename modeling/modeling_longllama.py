@@ -54,6 +54,27 @@ class WindowInputs:
     visible: torch.Tensor  # [B, 1, t, n] bool: causal mask and padding of the local context
     valid: torch.Tensor  # [B, t] bool: the window's tokens that are not padding
     is_causal: bool = False  # `visible` is exactly the causal mask of a window that is its whole local context
+    self_contained: bool = False  # the whole input is this one window and nothing is remembered: no cache needed
+    cross_batch_rows: torch.Tensor | None = None  # [B, R] crossbatch training: rows whose keys each row also sees
+
+
+def cross_batch_memory(key_states, value_states, valid, rows):
+    """The crossbatch memory of every row: the unrotated keys and values of the rows it may see (FoT training).
+
+    key_states, value_states `[B, Hkv, t, D]` (keys unrotated, i.e. as if at position 0), valid `[B, t]` bool,
+    rows `[B, R]` long: row b sees all tokens of rows `rows[b]`, `-1` for none (see `longllama.crossbatch`).
+    Returns `(mem_keys [B, Hkv, R*t, D], mem_values, mem_valid [B, R*t])`, or None if R == 0. Gradients flow into
+    the other rows' keys and values.
+    """
+    B, Hkv, t, D = key_states.shape
+    R = rows.shape[1]
+    if R == 0:
+        return None
+    index = rows.long().clamp(min=0)
+    mem_keys = key_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)  # [B, R, Hkv, t, D] -> ...
+    mem_values = value_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)
+    mem_valid = (valid[index] & (rows >= 0)[:, :, None]).reshape(B, R * t)
+    return mem_keys, mem_values, mem_valid
 
 
 def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):
@@ -137,25 +158,36 @@ class LongLlamaAttention(LlamaAttention):
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is None:
-            raise ValueError(
-                "Memory layers need the session cache, which gradient checkpointing removes: gradient checkpointing "
-                "of LongLLaMA memory layers is not supported yet. Disable it (model.gradient_checkpointing_disable())."
-            )
-        layer_cache = cache.layers[self.layer_idx]
-        if window.stores_local:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, raw_keys=raw_key_states)
+            if not window.self_contained:
+                raise ValueError(
+                    "This input spans several windows, so memory layers need the session cache, which gradient "
+                    "checkpointing removes. To train through memory with gradient checkpointing, put the windows "
+                    "in batch rows and pass cross_batch_rows (longllama.crossbatch, longllama-train's memory "
+                    "fine-tuning mode); or disable it (model.gradient_checkpointing_disable())."
+                )
+            # a single window and no session (training): the only memory is the crossbatch one
+            memory = None
+            if window.cross_batch_rows is not None:
+                memory = cross_batch_memory(raw_key_states, value_states, window.valid, window.cross_batch_rows)
+        else:
+            layer_cache = cache.layers[self.layer_idx]
+            if window.stores_local:
+                key_states, value_states = cache.update(
+                    key_states, value_states, self.layer_idx, raw_keys=raw_key_states
+                )
+            memory = layer_cache.memory()
         attn_output, attn_weights = self.attention_function(
             self,
             query_states,
             key_states,
             value_states,
             window.visible,
-            memory=layer_cache.memory(),
+            memory=memory,
             scaling=self.scaling,
             grouping=self.grouping,
             is_causal=window.is_causal,
         )
-        if not window.stores_local:
+        if cache is not None and not window.stores_local:
             # a stand-alone window of a long prompt goes to memory after its own attention (it never sees itself)
             layer_cache.add_to_memory(raw_key_states, value_states, window.valid)
 
@@ -223,6 +255,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         hidden_states_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        cross_batch_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -230,6 +263,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
         hidden_states_to_keep (`int` or 1-D `torch.Tensor`, defaults to 0):
             `0` returns every position; `k` the last k; a tensor the listed positions.
+        cross_batch_rows (`torch.LongTensor` of shape `[B, R]`, *optional*):
+            FoT crossbatch training (`longllama.crossbatch` builds it): every row is one local window, and the memory
+            layers of row b also attend to all tokens of rows `cross_batch_rows[b]` (earlier rows only, `-1` for
+            none), their keys unrotated, in the same softmax, with gradients. No cache is used or returned.
         """
         # inputs
         if (input_ids is None) == (inputs_embeds is None):
@@ -248,6 +285,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         batch_size, num_tokens = inputs.shape[:2]
         if num_tokens == 0:
             raise ValueError("The input has no tokens.")
+        if cross_batch_rows is not None:
+            self._check_cross_batch_rows(cross_batch_rows, cache, batch_size, num_tokens)
+            use_cache, last_context_length = False, num_tokens  # each row is one window; nothing is remembered
         session = self._session(cache, batch_size, use_cache)
         valid = self._token_validity(attention_mask, session, batch_size, num_tokens, inputs.device)
         position_ids = self._position_ids(position_ids, session, batch_size, num_tokens, inputs.device)
@@ -256,6 +296,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         plan = plan_windows(
             num_tokens, self.window_size, last_context_length, session.local_length, fresh=session.seen_tokens == 0
         )
+        # one window and nothing to remember (training): layers run without a cache, so checkpointing works
+        self_contained = len(plan) == 1 and session.seen_tokens == 0 and not use_cache
         requested = requested_positions(num_tokens, hidden_states_to_keep)
         needed = torch.arange(num_tokens) if output_hidden_states else requested  # all layers' states need all windows
         assign_depths(plan, needed, len(self.layers), self.memory_depth)
@@ -270,7 +312,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
                 if window_states is None:
                     window_states = inputs_embeds[:, w.start : w.end]
-                states = self._process_window(window_states, valid, position_ids, w, session, output_hidden_states)
+                states = self._process_window(
+                    window_states, valid, position_ids, w, None if self_contained else session,
+                    output_hidden_states, cross_batch_rows,
+                )
                 if w.keep:
                     kept.append(states[-1])
                 if output_hidden_states:
@@ -289,12 +334,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             last_hidden_state=hidden_states, cache=session if use_cache else None, hidden_states=all_hidden_states
         )
 
-    def _process_window(self, hidden_states, valid, position_ids, window: Window, session, all_states=False):
+    def _process_window(
+        self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None
+    ):
         """Run `window.depth` layers on one window `[B, t, hidden]`. Returns `[final hidden states]`, or with
-        `all_states` the input and the output of every layer."""
+        `all_states` the input and the output of every layer. `session` is None for a self-contained window."""
         valid = valid[:, window.start : window.end]  # [B, t]
         positions = position_ids[:, window.start : window.end]
-        if window.stores_local:
+        if session is not None and window.stores_local:
             self._enter_local_context(session, window, valid, positions)
             origin, local_valid = session.position_origin, session.local_valid
         else:
@@ -304,7 +351,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         visible = causal[None, None] & local_valid[:, None, None, :]  # [B, 1, t, n]
         # a window that is its whole local context, without padding: plain causal attention, which kernels can skip
         is_causal = t == n and t > 1 and bool(local_valid.all())
-        inputs = WindowInputs(window.stores_local, visible, valid, is_causal)
+        inputs = WindowInputs(window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows)
         bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
         if not (is_causal and self.config._attn_implementation == "sdpa"):
             bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
@@ -323,7 +370,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             )
             if all_states:
                 states.append(hidden_states)
-        session.seen_tokens += t
+        if session is not None:
+            session.seen_tokens += t
         return states if all_states else [hidden_states]
 
     def _enter_local_context(self, session: LongLlamaCache, window: Window, valid, positions) -> None:
@@ -340,6 +388,31 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             has_token = session.local_valid.any(dim=1)
             session.position_origin = torch.where(has_token, session.position_origin, first_position(positions, valid))
             session.local_valid = torch.cat([session.local_valid, valid], dim=1)
+
+    def _check_cross_batch_rows(self, rows, cache, batch_size: int, num_tokens: int) -> None:
+        """Crossbatch training input: `[B, R]` integer rows, each `-1` or an earlier row; one window per row."""
+        if cache is not None:
+            raise ValueError("cross_batch_rows is a training forward without a session: do not pass a cache.")
+        if rows.dim() != 2 or rows.shape[0] != batch_size or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise ValueError(
+                f"cross_batch_rows must be an integer tensor of shape [batch={batch_size}, R], got "
+                f"{rows.dtype} {tuple(rows.shape)}; build it with longllama.crossbatch.cross_batch_rows()."
+            )
+        earlier = torch.arange(batch_size, device=rows.device)[:, None]
+        if bool(((rows < -1) | (rows >= earlier)).any()):
+            raise ValueError(
+                "cross_batch_rows[b] may only name earlier rows (0 <= row < b) or -1: a row must never see itself or "
+                "a later row, whose tokens it is predicting or has not seen."
+            )
+        ordered = rows.sort(dim=1).values
+        if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+            raise ValueError("cross_batch_rows names a row twice for the same row: its keys would count twice.")
+        if num_tokens > self.window_size:
+            raise ValueError(
+                f"With cross_batch_rows every row is one local window, but the rows have {num_tokens} tokens and the "
+                f"window (max_position_embeddings) is {self.window_size}: cut the rows into windows "
+                "(longllama.data does this)."
+            )
 
     def _session(self, cache, batch_size: int, use_cache: bool) -> LongLlamaCache:
         """The cache that holds this call's session: the one passed in, or a new one."""
@@ -445,12 +518,15 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         last_context_length: int | None = None,
         output_hidden_states: bool | None = None,
+        cross_batch_rows: torch.LongTensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         last_context_length (`int`, *optional*):
             Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
             Also accepted by `generate()`.
+        cross_batch_rows (`torch.LongTensor` of shape `[B, R]`, *optional*):
+            FoT crossbatch training: see `LongLlamaModel.forward`.
         """
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0.")
@@ -464,6 +540,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             last_context_length=last_context_length,
             hidden_states_to_keep=logits_to_keep,
             output_hidden_states=output_hidden_states,
+            cross_batch_rows=cross_batch_rows,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)

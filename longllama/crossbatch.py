@@ -1,0 +1,102 @@
+"""Which other batch rows each row's memory layers see in FoT crossbatch training (SPEC section 3).
+
+Pure functions from ints and tensors to tensors: no model, no I/O. The model consumes the result as
+`cross_batch_rows` (`LongLlamaForCausalLM.forward`): row b attends to its own window plus all tokens of the rows
+listed for it, in one softmax, with gradients into those rows' keys and values.
+
+Layout: the batch is made of packs of `pack_size` (k) consecutive rows; the rows of one pack are consecutive segments
+of one document stream (`longllama.data`). For row i of a pack, the rows before it inside the pack are earlier
+segments of its own document (positives) and rows of earlier packs are other documents (negatives).
+"""
+
+import math
+
+import torch
+
+
+def _check(batch_size: int, cross_batch_range: int, pack_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    if cross_batch_range < 0:
+        raise ValueError(f"cross_batch_range={cross_batch_range} must be >= 0 (0 turns crossbatch off).")
+    if cross_batch_range >= batch_size and cross_batch_range > 0:
+        raise ValueError(
+            f"cross_batch_range={cross_batch_range} needs more rows than the batch has ({batch_size}): a row can only "
+            f"see the {batch_size - 1} rows before it. Use a larger batch (per device) or a smaller range."
+        )
+    if pack_size < 1 or batch_size % pack_size != 0:
+        raise ValueError(f"pack_size={pack_size} must be at least 1 and divide batch_size={batch_size}.")
+
+
+def cross_batch_ranges(
+    batch_size: int, cross_batch_range: int, pack_size: int = 1, stepping: bool | None = None,
+    positives_only: bool = False,
+) -> torch.Tensor:
+    """How many rows before it each row sees: `[batch_size]` long, never more than the row's index.
+
+    Args:
+        batch_size: rows in the batch (on one device).
+        cross_batch_range: `d`, the most rows a row may see.
+        pack_size: `k`, consecutive rows holding consecutive segments of one document stream.
+        stepping: the FoT stepping rule for k-packed batches (default: on when `pack_size > 1`). Row i of each
+            pack sees `min(i * ceil((d+1) / max(k-1, 1)) + 1, d+1) - 1` rows, so a pack mixes rows with few and
+            many extra contexts. Off: every row sees `d` rows.
+        positives_only: see only the earlier rows of the same pack (earlier segments of the same document), at most
+            `d` of them: memory without negatives (the ablation of the paper, and memory fine-tuning).
+
+    Example (SPEC section 3): `cross_batch_ranges(8, 6, pack_size=4)` is `[0, 1, 2, 3, 0, 3, 6, 6]`.
+    """
+    _check(batch_size, cross_batch_range, pack_size)
+    rows = torch.arange(batch_size)
+    in_pack = rows % pack_size
+    if positives_only:
+        ranges = in_pack.clamp(max=cross_batch_range)
+    else:
+        if stepping is None:
+            stepping = pack_size > 1
+        if stepping:
+            step = math.ceil((cross_batch_range + 1) / max(pack_size - 1, 1))
+            ranges = (in_pack * step + 1).clamp(max=cross_batch_range + 1) - 1
+        else:
+            ranges = torch.full((batch_size,), cross_batch_range)
+    return torch.minimum(ranges, rows)  # never wrap around: row b has only b rows before it
+
+
+def cross_batch_rows(ranges: torch.Tensor) -> torch.Tensor:
+    """The rows each row sees: `[B, R]` long, `R = max(ranges)`; row b lists `b - ranges[b], ..., b - 1` in that
+    (chronological) order, then `-1` ("no row") up to R.
+
+    Example: ranges `[0, 1, 2]` gives `[[-1, -1], [0, -1], [0, 1]]`.
+    """
+    ranges = torch.as_tensor(ranges)
+    if ranges.is_floating_point() or ranges.dtype == torch.bool:
+        raise ValueError(f"ranges must be integers, got {ranges.dtype}.")
+    ranges = ranges.long()
+    if ranges.dim() != 1:
+        raise ValueError(f"ranges must be 1-D [batch], got shape {tuple(ranges.shape)}.")
+    rows = torch.arange(len(ranges))
+    if bool(((ranges < 0) | (ranges > rows)).any()):
+        raise ValueError("ranges[b] must be between 0 and b (a row sees only rows before it).")
+    width = int(ranges.max()) if len(ranges) else 0
+    offsets = torch.arange(width)[None, :]  # [1, R]
+    seen = rows[:, None] - ranges[:, None] + offsets  # [B, R]
+    return torch.where(offsets < ranges[:, None], seen, torch.full_like(seen, -1))
+
+
+def context_mix(ranges: torch.Tensor, pack_size: int) -> torch.Tensor:
+    """`[B, 2]` long: (positives, negatives) each row sees, i.e. rows of its own pack and rows of other packs.
+
+    Example: d=3, k=4 (the 3B recipe) gives per pack (0, 0), (1, 1), (2, 1), (3, 0) once row index >= 4.
+    """
+    ranges = torch.as_tensor(ranges, dtype=torch.long)
+    in_pack = torch.arange(len(ranges)) % pack_size
+    positives = torch.minimum(ranges, in_pack)
+    return torch.stack([positives, ranges - positives], dim=1)
+
+
+def row_documents(batch_size: int, pack_size: int) -> torch.Tensor:
+    """`[B]` long: the document stream (pack) each row belongs to; rows of one pack are positives of each other."""
+    return torch.arange(batch_size) // pack_size
+
+
+__all__ = ["context_mix", "cross_batch_ranges", "cross_batch_rows", "row_documents"]
