@@ -1,0 +1,141 @@
+"""The FoT distraction measure: how much memory-layer attention lands on the query's own document.
+
+For a document of several windows, the model reads `d` windows of *other* documents and then the document itself,
+window by window (the inference path, `last_context_length = window`), so that when its last window is processed
+the memory holds the `d` unrelated windows plus the document's own earlier windows. For every query token of that
+last window and every memory layer and head we take the attention distribution (one softmax over the local window
+and the memory, as the model computes it) and measure:
+
+- `positive`: the share of attention on the document's own keys (its local window and its own memory entries),
+  SPEC section 3's *positive attention mass*;
+- `memory_positive`: the share of the attention *on memory* that falls on its own memory entries (with uniform
+  attention over memory this is `own / (own + d)` windows: about 1/d).
+
+Both are averaged over the non-padding query tokens, heads, memory layers and documents.
+"""
+
+import torch
+from transformers.utils import logging
+
+from .modeling.modeling_longllama import LongLlamaAttention, apply_rotary_pos_emb
+
+
+def distraction_prompt(document: list[int], distractors: list[list[int]], window: int) -> tuple[list[int], int]:
+    """`(prompt, own_memory_tokens)`: the distractor windows, then the document cut to whole windows.
+
+    Every distractor is cut (or must be at least) `window` tokens, so each one is exactly one memory window."""
+    own = (len(document) // window) * window
+    if own < 2 * window:
+        raise ValueError(
+            f"A document of {len(document)} tokens is shorter than two windows of {window}: it needs an earlier "
+            "window in memory and a last window to query from."
+        )
+    prompt = []
+    for distractor in distractors:
+        if len(distractor) < window:
+            raise ValueError(f"A distractor of {len(distractor)} tokens is shorter than one window of {window}.")
+        prompt.extend(distractor[:window])
+    prompt.extend(document[:own])
+    return prompt, own - window
+
+
+class _AttentionProbe:
+    """Forward pre-hooks on the memory layers that compute, for the last window of a call, the attention shares."""
+
+    def __init__(self, model):
+        self.modules = [m for m in model.modules() if isinstance(m, LongLlamaAttention)]
+        if not self.modules:
+            raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
+        self.own_memory_tokens = 0
+        self.results: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    @torch.no_grad()
+    def _hook(self, module, args, kwargs):
+        window, cache = kwargs.get("window"), kwargs.get("cache")
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if window is None or cache is None or not window.stores_local:
+            return  # a window on its way to memory: not the query window
+        memory = cache.layers[module.layer_idx].memory()
+        if memory is None:
+            return
+        B, t, _ = hidden_states.shape
+        q = module.q_proj(hidden_states).view(B, t, -1, module.head_dim).transpose(1, 2).float()  # [B, H, t, D]
+        k = module.k_proj(hidden_states).view(B, t, -1, module.head_dim).transpose(1, 2).float()  # [B, Hkv, t, D]
+        if module.use_rotary:
+            cos, sin = kwargs["position_embeddings"]
+            q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
+        mem_keys, _, mem_valid = memory  # [B, Hkv, M, D], [B, M]
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        mem_keys = mem_keys.float().repeat_interleave(groups, dim=1)
+        local = (q @ k.transpose(2, 3)) * module.scaling  # [B, H, t, t]
+        local = local.masked_fill(~window.visible, float("-inf"))
+        mem = (q @ mem_keys.transpose(2, 3)) * module.scaling  # [B, H, t, M]
+        mem = mem.masked_fill(~mem_valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(torch.cat([local, mem], dim=-1), dim=-1)
+        local_mass = probs[..., :t].sum(-1)
+        mem_probs = probs[..., t:]
+        own = mem_probs.shape[-1] - self.own_memory_tokens
+        own_mass = mem_probs[..., own:].sum(-1)
+        mem_mass = mem_probs.sum(-1)
+        positive = local_mass + own_mass  # [B, H, t]
+        memory_positive = own_mass / mem_mass.clamp_min(1e-30)
+        valid = window.valid[:, None, :].expand_as(positive)
+        self.results.append((positive[valid].mean(), memory_positive[valid].mean()))
+
+
+def pick_distractors(documents: list[list[int]], index: int, count: int, window: int, pool=None) -> list[list[int]]:
+    """`count` windows of documents other than `documents[index]`, round-robin from the windows of `pool` (other
+    token-id lists) or, without a pool, of the other documents."""
+    if pool is None:
+        pool = [doc for j, doc in enumerate(documents) if j != index]
+    windows = [doc[i : i + window] for doc in pool for i in range(0, len(doc) - window + 1, window)]
+    if count and not windows:
+        raise ValueError("Distractors come from other documents: give documents with at least one full window.")
+    return [windows[(index + n) % len(windows)] for n in range(count)]
+
+
+@torch.no_grad()
+def positive_attention_mass(
+    model, documents: list[list[int]], num_distractors: int, window: int | None = None, distractor_pool=None
+):
+    """The positive attention mass of `model` (a `LongLlamaForCausalLM`) with `num_distractors` unrelated windows in
+    memory, averaged over `documents` (token id lists of at least two windows each).
+
+    The distractors are windows of the *other* documents (or of `distractor_pool`, a list of token-id lists), taken
+    round-robin (`pick_distractors`). Returns `{"positive": float, "memory_positive": float}` (module docstring).
+    """
+    window = window or model.config.max_position_embeddings
+    was_training, bars = model.training, logging.is_progress_bar_enabled()
+    model.eval()
+    logging.disable_progress_bar()  # one bar per document would drown the caller's own progress
+    positives, memory_positives = [], []
+    try:
+        with _AttentionProbe(model) as probe:
+            for index, document in enumerate(documents):
+                distractors = pick_distractors(documents, index, num_distractors, window, distractor_pool)
+                prompt, probe.own_memory_tokens = distraction_prompt(document, distractors, window)
+                probe.results.clear()
+                ids = torch.tensor([prompt], device=model.device)
+                model(ids, use_cache=True, last_context_length=window, logits_to_keep=1)
+                positives.append(torch.stack([r[0] for r in probe.results]).mean())
+                memory_positives.append(torch.stack([r[1] for r in probe.results]).mean())
+    finally:
+        model.train(was_training)
+        if bars:
+            logging.enable_progress_bar()
+    return {
+        "positive": torch.stack(positives).mean().item(),
+        "memory_positive": torch.stack(memory_positives).mean().item(),
+    }
+
+
+__all__ = ["distraction_prompt", "pick_distractors", "positive_attention_mass"]

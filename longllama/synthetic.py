@@ -1,0 +1,102 @@
+"""Synthetic retrieval data for training and testing small LongLLaMA models from scratch (no downloads).
+
+`FactsTask` writes documents of key-value facts followed by questions about them. Every word is one token of the
+word-level tokenizer `word_tokenizer()` builds, so a document is exactly `windows * window` tokens with its
+`<s>`/`</s>` and its windows line up with the rows of a k-packed batch (`longllama.data`, pack_size = windows):
+the facts of the first windows are only reachable from the last window through memory.
+
+    k0 k7 k3 = v12 ; k5 k1 k9 = v3 ; ...            facts (earlier windows; the last window has a few more)
+    ? k5 k1 k9 = v3 ; ? ...                         questions (last window): the answer follows "="
+"""
+
+import random
+from dataclasses import dataclass
+
+FACT, QUESTION, EQUALS, END = "=", "?", "=", ";"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def word_tokenizer(words: list[str]):
+    """A `PreTrainedTokenizerFast` with one id per word (split on whitespace), `<s>`/`</s>`/`<pad>`/`<unk>` first."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(dict.fromkeys(SPECIAL_TOKENS + list(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@dataclass
+class FactsTask:
+    """Documents of `windows` windows of `window` tokens: facts, then questions in the last window.
+
+    A fact is `key_length` key symbols, `=`, a value, `;`. Questions ask for facts of the earlier windows
+    (`memory_questions`, answerable only through memory) and for facts stated in the last window itself
+    (`local_questions`, which teach the lookup inside one window first).
+    """
+
+    window: int = 64
+    windows: int = 2
+    key_length: int = 3
+    symbols: int = 40
+    values: int = 32
+    local_facts: int = 2
+    local_questions: int = 2
+
+    @property
+    def fact_length(self) -> int:
+        return self.key_length + 3
+
+    def vocabulary(self) -> list[str]:
+        keys = [f"k{i}" for i in range(self.symbols)]
+        return keys + [f"v{i}" for i in range(self.values)] + [EQUALS, END, QUESTION, "."]
+
+    def tokenizer(self):
+        return word_tokenizer(self.vocabulary())
+
+    def _fact(self, rng: random.Random) -> list[str]:
+        key = [f"k{rng.randrange(self.symbols)}" for _ in range(self.key_length)]
+        return key + [EQUALS, f"v{rng.randrange(self.values)}", END]
+
+    @staticmethod
+    def _fill(words: list[str], length: int) -> list[str]:
+        return words + ["."] * (length - len(words))
+
+    def document(self, rng: random.Random) -> dict:
+        """`{"text": ..., "memory_answers": [...], "local_answers": [...]}`; the answers are token positions
+        (0 = `<s>`) of the value words answering memory and local questions."""
+        total, f = self.windows * self.window, self.fact_length
+        # earlier windows: facts (the first starts after <s>)
+        words, earlier = [], []
+        for w in range(self.windows - 1):
+            room = self.window - (1 if w == 0 else 0)
+            window_words = []
+            while len(window_words) + f <= room:
+                fact = self._fact(rng)
+                earlier.append(fact)
+                window_words += fact
+            words += self._fill(window_words, room)
+        # last window (ends before </s>): a few new facts, then questions about earlier and new facts
+        room = self.window - 1
+        local = [self._fact(rng) for _ in range(self.local_facts)]
+        last = [w for fact in local for w in fact]
+        n_questions = (room - len(last)) // (f + 1)
+        n_local = min(self.local_questions, n_questions) if local else 0
+        asked = [rng.choice(local) for _ in range(n_local)]
+        asked += rng.sample(earlier, min(n_questions - n_local, len(earlier)))
+        rng.shuffle(asked)
+        memory_answers, local_answers = [], []
+        start = 1 + len(words)  # token position of the last window's first word (after <s>)
+        for fact in asked:
+            position = start + len(last) + 1 + self.key_length + 1  # ? key... = value
+            (local_answers if any(fact is x for x in local) else memory_answers).append(position)
+            last += [QUESTION] + fact
+        words += self._fill(last, room)
+        assert len(words) == total - 2
+        return {"text": " ".join(words), "memory_answers": memory_answers, "local_answers": local_answers}
+
+
+__all__ = ["FactsTask", "word_tokenizer"]
