@@ -64,9 +64,11 @@ def resolve_data_files(paths: Iterable[str | Path]) -> list[Path]:
             raise ValueError(f"Data file {path} is empty (or starts with a blank line).")
         if path.suffix == ".jsonl":
             try:
-                json.loads(head)
+                first = json.loads(head)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:1 is not a JSON object: {error}") from error
+            if not isinstance(first, dict):
+                raise ValueError(f"{path}:1 is JSON but not an object: each line must be an object like {{\"text\": ...}}.")
     return files
 
 
@@ -81,9 +83,13 @@ class DocumentSource:
         `text_field`, e.g. a `datasets.Dataset`)."""
         if (files is None) == (documents is None):
             raise ValueError("Pass either files or documents.")
+        if isinstance(documents, str):
+            raise ValueError("documents must be a sequence of texts (or dicts), not one string.")
         self.text_field = text_field
-        self.files = resolve_data_files([files] if isinstance(files, (str, Path)) else files) if files else None
-        if files is None:
+        self.files = None
+        if files is not None:
+            self.files = resolve_data_files([files] if isinstance(files, (str, Path)) else files)
+        else:
             self.items = documents if hasattr(documents, "__getitem__") else list(documents)
             if len(self.items) == 0:
                 raise ValueError("The dataset has no documents.")
@@ -105,13 +111,16 @@ class DocumentSource:
                 yield f"document {i}", "item", item
             return
         for path in self.files:
-            if path.suffix == ".txt":
-                yield str(path), "text", path.read_text(encoding="utf-8")
-                continue
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        yield f"{path}:{number}", "json", line
+            try:
+                if path.suffix == ".txt":
+                    yield str(path), "text", path.read_text(encoding="utf-8")
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    for number, line in enumerate(f, 1):
+                        if line.strip():
+                            yield f"{path}:{number}", "json", line
+            except UnicodeDecodeError as error:
+                raise ValueError(f"Data file {path} is not valid UTF-8 text: {error}") from error
 
     def _text(self, where: str, kind: str, item) -> str:
         if kind == "json":

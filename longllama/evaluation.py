@@ -105,13 +105,15 @@ def pick_distractors(documents: list[list[int]], index: int, count: int, window:
 
 @torch.no_grad()
 def positive_attention_mass(
-    model, documents: list[list[int]], num_distractors: int, window: int | None = None, distractor_pool=None
+    model, documents: list[list[int]], num_distractors: int, window: int | None = None, distractor_pool=None,
+    distractors: list[list[list[int]]] | None = None,
 ):
     """The positive attention mass of `model` (a `LongLlamaForCausalLM`) with `num_distractors` unrelated windows in
     memory, averaged over `documents` (token id lists of at least two windows each).
 
     The distractors are windows of the *other* documents (or of `distractor_pool`, a list of token-id lists), taken
-    round-robin (`pick_distractors`). Returns `{"positive": float, "memory_positive": float}` (module docstring).
+    round-robin (`pick_distractors`), or given explicitly: `distractors[i]` is the list of windows put in memory
+    before `documents[i]`. Returns `{"positive": float, "memory_positive": float}` (module docstring).
     """
     window = window or model.config.max_position_embeddings
     was_training, bars = model.training, logging.is_progress_bar_enabled()
@@ -121,8 +123,11 @@ def positive_attention_mass(
     try:
         with _AttentionProbe(model) as probe:
             for index, document in enumerate(documents):
-                distractors = pick_distractors(documents, index, num_distractors, window, distractor_pool)
-                prompt, probe.own_memory_tokens = distraction_prompt(document, distractors, window)
+                if distractors is None:
+                    before = pick_distractors(documents, index, num_distractors, window, distractor_pool)
+                else:
+                    before = distractors[index][:num_distractors]
+                prompt, probe.own_memory_tokens = distraction_prompt(document, before, window)
                 probe.results.clear()
                 ids = torch.tensor([prompt], device=model.device)
                 model(ids, use_cache=True, last_context_length=window, logits_to_keep=1)

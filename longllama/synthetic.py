@@ -57,17 +57,22 @@ class FactsTask:
     def tokenizer(self):
         return word_tokenizer(self.vocabulary())
 
-    def _fact(self, rng: random.Random) -> list[str]:
-        key = [f"k{rng.randrange(self.symbols)}" for _ in range(self.key_length)]
-        return key + [EQUALS, f"v{rng.randrange(self.values)}", END]
+    def _fact(self, rng: random.Random, exclude: set) -> list[str]:
+        while True:
+            key = tuple(f"k{rng.randrange(self.symbols)}" for _ in range(self.key_length))
+            if key not in exclude:
+                break
+        return [*key, EQUALS, f"v{rng.randrange(self.values)}", END]
 
     @staticmethod
     def _fill(words: list[str], length: int) -> list[str]:
         return words + ["."] * (length - len(words))
 
-    def document(self, rng: random.Random) -> dict:
-        """`{"text": ..., "memory_answers": [...], "local_answers": [...]}`; the answers are token positions
-        (0 = `<s>`) of the value words answering memory and local questions."""
+    def document(self, rng: random.Random, exclude_keys=()) -> dict:
+        """`{"text": ..., "keys": [...], "memory_answers": [...], "local_answers": [...]}`; the answers are token
+        positions (0 = `<s>`) of the value words answering memory and local questions. Keys (tuples of symbols) in
+        `exclude_keys` are not used: distractor documents that cannot contain the right answer by accident."""
+        exclude = {tuple(key) for key in exclude_keys}
         total, f = self.windows * self.window, self.fact_length
         # earlier windows: facts (the first starts after <s>)
         words, earlier = [], []
@@ -75,13 +80,13 @@ class FactsTask:
             room = self.window - (1 if w == 0 else 0)
             window_words = []
             while len(window_words) + f <= room:
-                fact = self._fact(rng)
+                fact = self._fact(rng, exclude)
                 earlier.append(fact)
                 window_words += fact
             words += self._fill(window_words, room)
         # last window (ends before </s>): a few new facts, then questions about earlier and new facts
         room = self.window - 1
-        local = [self._fact(rng) for _ in range(self.local_facts)]
+        local = [self._fact(rng, exclude) for _ in range(self.local_facts)]
         last = [w for fact in local for w in fact]
         n_questions = (room - len(last)) // (f + 1)
         n_local = min(self.local_questions, n_questions) if local else 0
@@ -96,7 +101,8 @@ class FactsTask:
             last += [QUESTION] + fact
         words += self._fill(last, room)
         assert len(words) == total - 2
-        return {"text": " ".join(words), "memory_answers": memory_answers, "local_answers": local_answers}
+        keys = [fact[: self.key_length] for fact in earlier + local]
+        return {"text": " ".join(words), "keys": keys, "memory_answers": memory_answers, "local_answers": local_answers}
 
 
 __all__ = ["FactsTask", "word_tokenizer"]

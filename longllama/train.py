@@ -1,7 +1,7 @@
 """`longllama-train`: Focused Transformer (FoT) training of LongLLaMA on accelerate.
 
     longllama-train --model path/to/longllama --data docs/ --steps 1000 --output-dir run
-    accelerate launch --num_processes 2 -m longllama.train --config run.yaml      # DDP; FSDP/DeepSpeed: docs/training.md
+    accelerate launch --multi_gpu --num_processes 2 -m longllama.train --config run.yaml  # DDP (GPUs, or gloo on CPU)
 
 Every batch row is one window; in the memory layers each row also attends to earlier rows of the batch
 (`longllama.crossbatch`): earlier segments of its own document (positives) and other documents (negatives), in one
@@ -19,6 +19,7 @@ import math
 import shutil
 import sys
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,31 @@ RESUME_KEYS = ("model", "init_config", "data", "text_field", "mode", "window", "
 
 
 def _field_type(f: dataclasses.Field):
+    """The field's type without `| None`: str, int, float, bool or list[str]."""
     hint = typing.get_type_hints(TrainConfig)[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _coerce(name: str, value, kind):
+    """A config-file value as its field's type (YAML reads `3e-3` as a string); ValueError naming the key."""
+    if value is None:
+        return None
+    try:
+        if typing.get_origin(kind) is list:
+            return [str(v) for v in (value if isinstance(value, list) else [value])]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "false", "no", "0"):
+                return str(value).lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Config option {name}: {value!r} is not a valid {getattr(kind, '__name__', kind)}.") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,9 +190,8 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     for name, value in vars(args).items():
         if name != "config" and value is not None:
             values[name] = value
-    if isinstance(values.get("data"), str):
-        values["data"] = [values["data"]]
-    return TrainConfig(**values)
+    kinds = {f.name: _field_type(f) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{name: _coerce(name, value, kinds[name]) for name, value in values.items()})
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -306,6 +328,12 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def _has_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the tokens that have a target (`targets` are already shifted; -100: none)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -326,6 +354,8 @@ def train(cfg: TrainConfig) -> Path:
     source_check = DocumentSource(files=cfg.data, text_field=cfg.text_field)  # readable, non-empty files
     del source_check
     accelerator = Accelerator(
+        # without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) form a gloo DDP group on CPU
+        cpu=not _has_accelerator(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,  # accelerate divides the loss and skips syncs in between
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
@@ -366,7 +396,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- loop
     progress = tqdm(total=cfg.steps, initial=step, desc="longllama-train", disable=not accelerator.is_main_process)
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     try:
         while step < cfg.steps:
             for _ in range(cfg.grad_accum):
@@ -387,17 +417,16 @@ def train(cfg: TrainConfig) -> Path:
                 window_loss += loss.item() / cfg.grad_accum
                 window_tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             scheduler.step()
-            step += 1
+            step, window_steps = step + 1, window_steps + 1
             progress.update(1)
 
             # ---- logging, evaluation, checkpoints
             if step % cfg.log_every == 0 or step == cfg.steps:
-                steps_logged = (step - 1) % cfg.log_every + 1
                 seconds = time.perf_counter() - window_start
-                record = {"step": step, "loss": window_loss / steps_logged, "tokens_per_s": window_tokens / seconds,
-                          "lr": scheduler.get_last_lr()[0]}
+                window_loss = accelerator.reduce(torch.tensor(window_loss, device=accelerator.device), "mean").item()
                 tokens_seen += window_tokens
-                record["tokens_seen"] = tokens_seen
+                record = {"step": step, "loss": window_loss / window_steps, "tokens_per_s": window_tokens / seconds,
+                          "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen}
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and accelerator.is_main_process:
                     mass = positive_attention_mass(accelerator.unwrap_model(model), eval_docs, cfg.eval_distractors,
                                                    window)
@@ -407,9 +436,9 @@ def train(cfg: TrainConfig) -> Path:
                     with open(log_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(accelerator, cfg, step, batches, tokens_seen)
+                save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens)
     except KeyboardInterrupt:
         accelerator.print(
             f"\nInterrupted at step {step}. Checkpoints are written atomically: rerun with --resume auto to continue "
@@ -420,7 +449,7 @@ def train(cfg: TrainConfig) -> Path:
         progress.close()
 
     # ---- final checkpoints: resumable state and a drop-in model
-    save_checkpoint(accelerator, cfg, step, batches, tokens_seen)
+    save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens)
     final = Path(cfg.output_dir) / "model"
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP / ZeRO-3 gather the shards)
     if accelerator.is_main_process:
@@ -429,6 +458,7 @@ def train(cfg: TrainConfig) -> Path:
         unwrapped.save_pretrained(final, state_dict=state_dict)
         tokenizer.save_pretrained(final)
     accelerator.wait_for_everyone()
+    accelerator.print(f"Final model: {final}")
     return final
 
 
@@ -453,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(cfg)
             print(json.dumps({"distractors": cfg.eval_distractors, **result}))
         else:
-            print(f"Final model: {train(cfg)}")
+            train(cfg)
     except ValueError as error:
         print(f"longllama-train: error: {error}", file=sys.stderr)
         return 2

@@ -53,7 +53,8 @@ class LongLlamaConfig(LlamaConfig):
             and, unlike a concatenating `"sdpa"` kernel, stays linear in the memory size at 100k+ tokens. Every kernel
             computes the same function; choose one with `mem_attention_implementation`.
         gradient_checkpoint_every_ith (`int`, defaults to 1):
-            With gradient checkpointing on, checkpoint every i-th layer.
+            With gradient checkpointing on, checkpoint every i-th layer (`longllama-train` passes it to
+            `activation_checkpointing_enable(every_n_layers=...)`).
         max_position_embeddings (`int`, defaults to 2048):
             Also the context window length: the size of prefill windows and the cap of the local cache.
 

@@ -1,0 +1,594 @@
+"""`longllama-train` (`longllama.train`) end to end on a tiny model, and the FoT distraction measure
+(`longllama.evaluation.positive_attention_mass`, SPEC section 3).
+
+Every run trains from scratch (`--init-config`) a LongLLaMA of hidden 32, 2 layers, 2 heads, memory in layer 1,
+window 16, on ~200 `FactsTask` documents (exactly 2 windows each) with the word-level tokenizer: a step takes
+milliseconds. Runs go through `main([...])` in-process; the console script and `accelerate launch` (DDP on 2 CPU
+processes) run as subprocesses in the slow tests.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from safetensors.torch import load_file
+
+from longllama import LongLlamaConfig, LongLlamaForCausalLM
+from longllama.evaluation import distraction_prompt, positive_attention_mass
+from longllama.synthetic import FactsTask
+from longllama.train import RESUME_KEYS, TrainConfig, check_config, load_config, lr_lambda, main
+
+WINDOW = 16
+TASK = FactsTask(window=WINDOW, windows=2, key_length=2, symbols=8, values=8)
+
+
+# =========================================================================== fixtures
+
+
+@dataclasses.dataclass
+class Workspace:
+    root: Path
+    config: Path  # config.json of the tiny LongLLaMA
+    tokenizer: Path  # tokenizer directory
+    data: Path  # ~200 FactsTask documents (.jsonl)
+
+    def args(self, output: Path | str, *extra, data: Path | None = None) -> list[str]:
+        """The flags of a small FoT run (batch 8, k=2, d=3, lr 3e-3); `extra` flags come last (argparse: last wins)."""
+        return [
+            "--init-config", str(self.config), "--tokenizer", str(self.tokenizer), "--data", str(data or self.data),
+            "--batch-size", "8", "--pack-size", "2", "--cross-batch-range", "3", "--lr", "3e-3",
+            "--output-dir", str(output), *map(str, extra),
+        ]
+
+
+def write_model_config(path: Path, tokenizer, **overrides) -> Path:
+    fields = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=WINDOW, last_context_length=WINDOW, mem_layers=[1],
+        mem_dtype="float32", tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    fields.update(overrides)
+    LongLlamaConfig(**fields).to_json_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = TASK.tokenizer()
+    tokenizer.save_pretrained(root / "tokenizer")
+    config = write_model_config(root / "config.json", tokenizer)
+    rng = random.Random(0)
+    with open(root / "data.jsonl", "w") as f:
+        for _ in range(200):
+            f.write(json.dumps(TASK.document(rng)) + "\n")
+    return Workspace(root, config, root / "tokenizer", root / "data.jsonl")
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """`main(argv)` with its stdout and stderr captured (usable from module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def assert_not_trained(output: Path):
+    assert not (output / "model").exists(), "a failed run must not write a model"
+    assert not (output / "checkpoints").exists() or not any((output / "checkpoints").iterdir())
+    assert not (output / "log.jsonl").exists() or not (output / "log.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def run_a(ws) -> Path:
+    """6 steps, a checkpoint every 3, a log line every step."""
+    output = ws.root / "A"
+    code, out, err = run(ws.args(output, "--steps", 6, "--save-every", 3, "--log-every", 1))
+    assert code == 0, err
+    assert f"Final model: {output / 'model'}" in out
+    return output
+
+
+@pytest.fixture(scope="module")
+def run_b(ws) -> tuple[Path, str]:
+    """The same run interrupted: 3 steps (saved at the end), then resumed with --resume auto up to 6 steps. Logs
+    every 2 steps."""
+    output = ws.root / "B"
+    code, _, err = run(ws.args(output, "--steps", 3, "--log-every", 2))
+    assert code == 0, err
+    assert (output / "checkpoints" / "step-3").is_dir()
+    code, out, err = run(ws.args(output, "--steps", 6, "--log-every", 2, "--resume", "auto"))
+    assert code == 0, err
+    return output, out
+
+
+# =========================================================================== command line and configuration
+
+
+def test_help_mentions_the_main_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: longllama-train")
+    for option in ("--config", "--model", "--init-config", "--tokenizer", "--data", "--mode", "--window",
+                   "--batch-size", "--pack-size", "--cross-batch-range", "--steps", "--lr", "--grad-accum",
+                   "--gradient-checkpointing", "--output-dir", "--save-every", "--resume", "--eval-every",
+                   "--evaluate", "--seed", "--mixed-precision", "--no-stepping"):
+        assert option in text, option
+
+
+def test_console_script_help():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    script = shutil.which("longllama-train")
+    assert script, "the longllama-train console script is not installed"
+    for command in ([script, "--help"], [sys.executable, "-m", "longllama.train", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "--cross-batch-range" in result.stdout and "--init-config" in result.stdout
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_config_file_and_overrides(tmp_path, suffix):
+    values = {"data": "docs.jsonl", "steps": 7, "batch_size": 4, "lr": 0.001, "stepping": False, "mode": "memory",
+              "eval_data": ["a.txt", "b.txt"]}
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".yaml":
+        import yaml
+
+        path.write_text(yaml.safe_dump(values))
+    else:
+        path.write_text(json.dumps(values))
+    cfg = load_config(["--config", str(path)])
+    assert cfg.data == ["docs.jsonl"]  # a single string becomes a list
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.stepping, cfg.mode) == (7, 4, 0.001, False, "memory")
+    assert cfg.eval_data == ["a.txt", "b.txt"]
+    assert cfg.pack_size == TrainConfig.pack_size  # untouched default
+    # flags win over the file (also booleans and lists)
+    cfg = load_config(["--config", str(path), "--steps", "9", "--stepping", "--data", "x.txt",
+                       "--lr", "3e-3", "--mode", "fot"])
+    assert (cfg.steps, cfg.stepping, cfg.data, cfg.lr, cfg.mode, cfg.batch_size) == (
+        9, True, ["x.txt"], 0.003, "fot", 4)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.steps, int)
+    # unknown keys in the file are an error naming them
+    values["cross_batch"] = 2
+    path.write_text(yaml_or_json(values, suffix))
+    with pytest.raises(ValueError, match="Unknown option.*cross_batch"):
+        load_config(["--config", str(path)])
+
+
+def yaml_or_json(values: dict, suffix: str) -> str:
+    if suffix == ".json":
+        return json.dumps(values)
+    import yaml
+
+    return yaml.safe_dump(values)
+
+
+def test_several_data_paths_on_the_command_line():
+    cfg = load_config(["--data", "a.jsonl", "docs/", "--eval-data", "b.txt", "c.txt"])
+    assert cfg.data == ["a.jsonl", "docs/"] and cfg.eval_data == ["b.txt", "c.txt"]
+
+
+def test_config_file_errors_through_main(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"steps": 3, "bogus_key": 1}))
+    assert main(["--config", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "bogus_key" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_scientific_notation_is_a_number_or_a_clear_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 3e-3\nsteps: 2\n")
+    try:
+        cfg = load_config(["--config", str(path)])
+    except ValueError as error:
+        assert "lr" in str(error)
+        return
+    assert isinstance(cfg.lr, float) and cfg.lr == 0.003
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=10, warmup_steps=2, lr_schedule="cosine")
+    factor = lr_lambda(cfg)
+    assert [factor(0), factor(1)] == [0.5, 1.0]
+    assert factor(2) == pytest.approx(1.0)
+    assert factor(6) == pytest.approx(0.55)
+    assert factor(10) == pytest.approx(0.1) and factor(50) == pytest.approx(0.1)
+    assert all(factor(s) >= factor(s + 1) for s in range(2, 12))
+    assert lr_lambda(TrainConfig(steps=10))(7) == 1.0
+
+
+# =========================================================================== a short run
+
+
+def test_short_run_writes_a_loadable_model_and_a_log(ws, run_a):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_a / "model")
+    assert type(model) is LongLlamaForCausalLM
+    assert model.config.mem_layers == [1] and model.config.vocab_size == len(TASK.tokenizer())
+    assert model.config.use_cache  # training turns the cache off; the saved model is for inference
+    tokenizer = AutoTokenizer.from_pretrained(run_a / "model")
+    expected = TASK.tokenizer()("k1 = v2", add_special_tokens=False)["input_ids"]
+    assert tokenizer("k1 = v2", add_special_tokens=False)["input_ids"] == expected
+    # trained: the weights are not the initial ones (same seed, same init)
+    from accelerate.utils import set_seed
+
+    set_seed(0)
+    initial = LongLlamaForCausalLM(LongLlamaConfig.from_json_file(ws.config))
+    assert not torch.equal(initial.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    # and it runs (long input: memory path)
+    with torch.no_grad():
+        logits = model(torch.randint(4, 24, (1, 40)), last_context_length=WINDOW).logits
+    assert torch.isfinite(logits).all()
+
+    log = read_log(run_a)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    for record in log:
+        assert math.isfinite(record["loss"]) and 0 < record["loss"] < 10
+        assert record["tokens_per_s"] > 0
+        assert record["lr"] == pytest.approx(3e-3)
+        assert record["tokens_seen"] == record["step"] * 8 * WINDOW
+    assert log[0]["loss"] == pytest.approx(math.log(len(TASK.tokenizer())), abs=0.3)  # starts near uniform
+    assert log[-1]["loss"] < log[0]["loss"]
+    # resumable checkpoints
+    for step in (3, 6):
+        checkpoint = run_a / "checkpoints" / f"step-{step}"
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert state["step"] == step and state["world_size"] == 1
+        assert state["config"]["batch_size"] == 8 and state["config"]["cross_batch_range"] == 3
+        data_state = json.loads((checkpoint / "data-rank0.json").read_text())
+        assert data_state["stream"]["consumed"] > 0
+    assert not list((run_a / "checkpoints").glob("*.partial"))
+
+
+def test_loss_decreases(ws, tmp_path):
+    output = tmp_path / "long"
+    code, _, err = run(ws.args(output, "--steps", 30, "--log-every", 5))
+    assert code == 0, err
+    log = read_log(output)
+    assert [r["step"] for r in log] == [5, 10, 15, 20, 25, 30]
+    losses = [r["loss"] for r in log]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < math.log(len(TASK.tokenizer())) - 0.5, losses
+
+
+def test_keep_checkpoints(ws, tmp_path):
+    output = tmp_path / "keep"
+    code, _, err = run(ws.args(output, "--steps", 4, "--save-every", 1, "--keep-checkpoints", 2, "--log-every", 4))
+    assert code == 0, err
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-3", "step-4"]
+
+
+# =========================================================================== exact resume
+
+
+def test_exact_resume(run_a, run_b):
+    output_b, out = run_b
+    assert "Resumed from" in out and "step-3 at step 3" in out
+    a = load_file(run_a / "model" / "model.safetensors")
+    b = load_file(output_b / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # the checkpoints match too (optimizer included)
+    a6 = torch.load(run_a / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
+    b6 = torch.load(output_b / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
+    for key, state in a6["state"].items():
+        assert torch.equal(state["exp_avg"], b6["state"][key]["exp_avg"])
+    for step in (3, 6):
+        data_a = (run_a / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
+        data_b = (output_b / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
+        assert json.loads(data_a) == json.loads(data_b)
+    # the log continues from step 3: B logged 2, 3 (end of the first run), then 4 and 6
+    log_a, log_b = {r["step"]: r for r in read_log(run_a)}, read_log(output_b)
+    assert [r["step"] for r in log_b] == [2, 3, 4, 6]
+    assert log_b[1]["loss"] == log_a[3]["loss"]
+    # (rel 1e-6: the logged loss goes through a float32 all-reduce)
+    assert log_b[0]["loss"] == pytest.approx((log_a[1]["loss"] + log_a[2]["loss"]) / 2, rel=1e-6)
+    assert log_b[3]["loss"] == pytest.approx((log_a[5]["loss"] + log_a[6]["loss"]) / 2, rel=1e-6)
+    assert log_b[3]["tokens_seen"] == log_a[6]["tokens_seen"] == 6 * 8 * WINDOW
+
+
+def test_resumed_log_window_loss(run_a, run_b):
+    output_b, _ = run_b
+    log_a, log_b = {r["step"]: r for r in read_log(run_a)}, {r["step"]: r for r in read_log(output_b)}
+    assert log_b[4]["loss"] == pytest.approx(log_a[4]["loss"], rel=1e-6)
+
+
+def test_resume_with_a_different_setup_is_refused(ws, run_a, tmp_path, capsys):
+    checkpoint = run_a / "checkpoints" / "step-3"
+    other_data = tmp_path / "other.jsonl"
+    shutil.copy(ws.data, other_data)
+    cases = [
+        (["--batch-size", 4], "batch_size"),
+        (["--cross-batch-range", 2], "cross_batch_range"),
+        (["--pack-size", 4], "pack_size"),
+        (["--seed", 1], "seed"),
+        (["--mode", "memory"], "mode"),
+    ]
+    for n, (extra, key) in enumerate(cases):
+        output = tmp_path / f"out{n}"
+        code = main(ws.args(output, "--steps", 6, "--resume", checkpoint, *extra))
+        err = capsys.readouterr().err
+        assert code == 2, extra
+        assert "Cannot resume" in err and f"{key}: saved" in err, err
+        assert_not_trained(output)
+    output = tmp_path / "data"
+    assert main(ws.args(output, "--steps", 6, "--resume", checkpoint, data=other_data)) == 2
+    assert "data: saved" in capsys.readouterr().err
+    assert_not_trained(output)
+    # --resume auto picks the latest checkpoint of output_dir
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto", "--batch-size", 4)) == 2
+    err = capsys.readouterr().err
+    assert "step-6" in err and "batch_size" in err
+    assert not (copy / "model").exists()
+    # not a checkpoint
+    assert main(ws.args(tmp_path / "x", "--steps", 6, "--resume", ws.root)) == 2
+    assert "not a longllama-train checkpoint" in capsys.readouterr().err
+    assert set(RESUME_KEYS) >= {"batch_size", "cross_batch_range", "pack_size", "data", "seed", "mode", "window"}
+
+
+# =========================================================================== bad input
+
+
+def _bad_setup(ws, tmp_path, name):
+    """(argv, expected message) of one bad run."""
+    output = tmp_path / "out"
+    if name == "empty data":
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        return ws.args(output, "--steps", 2, data=empty), f"Data file {empty} is empty"
+    if name == "missing data":
+        missing = tmp_path / "missing.jsonl"
+        return ws.args(output, "--steps", 2, data=missing), f"Data file {missing} does not exist"
+    if name == "data too small":
+        small = tmp_path / "small.jsonl"
+        small.write_text(json.dumps({"text": "k1 k2 = v1 ;"}) + "\n")
+        return ws.args(output, "--steps", 2, data=small), "fewer than one batch pack needs"
+    if name == "cross batch range":
+        return ws.args(output, "--steps", 2, "--cross-batch-range", 8), "cross_batch_range=8 needs more rows"
+    if name == "pack size":
+        return ws.args(output, "--steps", 2, "--pack-size", 3), "must be a multiple of pack_size=3"
+    if name == "window":
+        return ws.args(output, "--steps", 2, "--window", 32), "longer than the model's window"
+    if name == "no memory layers":
+        config = write_model_config(tmp_path / "nomem.json", TASK.tokenizer(), mem_layers=[])
+        argv = ws.args(output, "--steps", 2)
+        argv[argv.index(str(ws.config))] = str(config)
+        return argv, "no memory layers"
+    if name == "model and init-config":
+        return ws.args(output, "--steps", 2, "--model", ws.root), "exactly one of --model"
+    if name == "neither model nor init-config":
+        argv = ws.args(output, "--steps", 2)
+        del argv[:2]
+        return argv, "exactly one of --model"
+    if name == "mode":
+        return ws.args(output, "--steps", 2, "--mode", "bogus"), "--mode 'bogus'"
+    if name == "no data":
+        argv = ws.args(output, "--steps", 2)
+        del argv[4:6]
+        return argv, "--data"
+    if name == "not a model":
+        argv = ws.args(output, "--steps", 2)
+        del argv[:2]
+        return argv + ["--model", str(tmp_path)], "not a model directory"
+    if name == "steps":
+        return ws.args(output, "--steps", 0), "--steps must be at least 1"
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [
+    "empty data", "missing data", "data too small", "cross batch range", "pack size", "window", "no memory layers",
+    "model and init-config", "neither model nor init-config", "mode", "no data", "not a model", "steps",
+])
+def test_bad_input_is_a_clear_error(ws, tmp_path, capsys, name):
+    argv, message = _bad_setup(ws, tmp_path, name)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("longllama-train: error:")]
+    assert len(errors) == 1, err
+    assert message in errors[0], err
+    assert "Traceback" not in err
+    assert_not_trained(tmp_path / "out")
+
+
+def test_empty_mem_layers_config():
+    """LongLlamaConfig accepts mem_layers=[] (a plain Llama); training refuses it (above), and so does the
+    evaluation."""
+    config = tiny_config(mem_layers=[])
+    assert config.mem_layers == []
+    model = LongLlamaForCausalLM(config).eval()
+    docs = [list(range(3, 19)), list(range(20, 36))]
+    with pytest.raises(ValueError, match="no memory layers"):
+        positive_attention_mass(model, docs, 1)
+
+
+def test_check_config_needs_no_files():
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        check_config(TrainConfig(init_config=__file__, data=["x"], lr_schedule="linear"))
+    with pytest.raises(ValueError, match="--mixed-precision"):
+        check_config(TrainConfig(init_config=__file__, data=["x"], mixed_precision="fp8"))
+    with pytest.raises(ValueError, match="--grad-accum"):
+        check_config(TrainConfig(init_config=__file__, data=["x"], grad_accum=0))
+    check_config(TrainConfig(init_config=__file__, data=["x"]))
+
+
+# =========================================================================== options
+
+
+def test_gradient_checkpointing_same_losses(ws, run_a, tmp_path):
+    output = tmp_path / "gc"
+    code, _, err = run(ws.args(output, "--steps", 2, "--log-every", 1, "--gradient-checkpointing"))
+    assert code == 0, err
+    plain, checkpointed = read_log(run_a), read_log(output)
+    assert checkpointed[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # same forward
+    assert checkpointed[1]["loss"] == pytest.approx(plain[1]["loss"], abs=1e-5)  # same gradients, same update
+
+
+def test_grad_accum_consumes_micro_batches(ws, run_a, tmp_path):
+    """3 optimizer steps of 2 micro-batches read exactly the data of 6 plain steps."""
+    output = tmp_path / "accum"
+    code, _, err = run(ws.args(output, "--steps", 3, "--grad-accum", 2, "--log-every", 3))
+    assert code == 0, err
+    (record,) = read_log(output)
+    assert record["step"] == 3 and record["tokens_seen"] == 6 * 8 * WINDOW and math.isfinite(record["loss"])
+    accumulated = json.loads((output / "checkpoints" / "step-3" / "data-rank0.json").read_text())
+    plain = json.loads((run_a / "checkpoints" / "step-6" / "data-rank0.json").read_text())
+    assert accumulated == plain
+
+
+def test_eval_every_logs_positive_attention_mass(ws, tmp_path):
+    output = tmp_path / "eval"
+    code, _, err = run(ws.args(output, "--steps", 3, "--log-every", 1, "--eval-every", 2, "--eval-documents", 4,
+                               "--eval-distractors", 2))
+    assert code == 0, err
+    log = read_log(output)
+    assert [("positive_attention_mass" in r) for r in log] == [False, True, True]  # step 2 and the last step
+    for record in log[1:]:
+        assert 0 < record["positive_attention_mass"] < 1
+        assert 0 < record["memory_positive_share"] < 1
+        assert record["positive_attention_mass"] > record["memory_positive_share"] * 0.5
+
+
+def test_evaluate_prints_json(ws, run_a, tmp_path, capsys):
+    code = main(["--evaluate", str(run_a / "model"), "--data", str(ws.data), "--eval-distractors", "3",
+                 "--eval-documents", "4", "--output-dir", str(tmp_path / "unused")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["distractors"] == 3
+    assert 0 < result["positive"] < 1 and 0 < result["memory_positive"] < 1
+    assert not (tmp_path / "unused").exists()
+    # 0 distractors: all attention is on the document itself
+    assert main(["--evaluate", str(run_a / "model"), "--data", str(ws.data), "--eval-distractors", "0",
+                 "--eval-documents", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["positive"] == pytest.approx(1.0) and result["memory_positive"] == pytest.approx(1.0)
+    # a directory without config.json
+    assert main(["--evaluate", str(tmp_path), "--data", str(ws.data)]) == 2
+    assert "not a model directory" in capsys.readouterr().err
+
+
+def test_memory_mode_runs(ws, tmp_path):
+    output = tmp_path / "memory"
+    code, _, err = run(ws.args(output, "--steps", 3, "--log-every", 1, "--mode", "memory", "--pack-size", 4))
+    assert code == 0, err
+    log = read_log(output)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in log)
+    # one 32-token document per pack of 4 x 16 tokens: half of every pack is padding, not counted
+    assert log[-1]["tokens_seen"] == 3 * 2 * 32
+    data_state = json.loads((output / "checkpoints" / "step-3" / "data-rank0.json").read_text())
+    assert data_state["stream"]["consumed"] == 3 * 2 and "rng" in data_state
+    assert (output / "model" / "model.safetensors").is_file()
+
+
+# =========================================================================== DDP
+
+
+def _launch_env(tmp_path) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf-home"),
+                TOKENIZERS_PARALLELISM="false")
+
+
+def test_ddp_two_cpu_processes(ws, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m longllama.train`: real DDP on 2 CPU processes (gloo; the
+    trainer asks accelerate for CPU when there is no GPU), no `accelerate config` file (HF_HOME is empty).
+    Note: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher)."""
+    output = tmp_path / "ddp"
+    env = _launch_env(tmp_path)
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(29500 + os.getpid() % 1000), "-m", "longllama.train",
+               *ws.args(output, "--steps", 4, "--log-every", 2, "--batch-size", 4, "--save-every", 2)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "hf-home" / "accelerate").exists()
+    for step in (2, 4):
+        checkpoint = output / "checkpoints" / f"step-{step}"
+        assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+        ranks = [json.loads((checkpoint / f"data-rank{r}.json").read_text()) for r in range(2)]
+        assert ranks[0] != ranks[1]  # each process has its own documents
+        assert all(r["stream"]["consumed"] > 0 for r in ranks)
+    log = read_log(output)
+    assert [r["step"] for r in log] == [2, 4]  # one process writes the log
+    assert log[-1]["tokens_seen"] == 4 * 2 * 4 * WINDOW  # tokens of both processes
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(output / "model")) is LongLlamaForCausalLM
+
+
+# =========================================================================== positive attention mass
+
+
+def _documents(count: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 99, (length,), generator=g).tolist() for _ in range(count)]
+
+
+@pytest.mark.parametrize("own_windows", [1, 2])
+def test_positive_attention_mass_random_model(own_windows):
+    """A default-init model attends almost uniformly: the memory share on the document's own windows is
+    own / (own + d); with 0 distractors everything is positive."""
+    torch.manual_seed(0)
+    model = LongLlamaForCausalLM(tiny_config(last_context_length=8)).eval()
+    docs = _documents(5, 8 * (own_windows + 1))
+    previous = None
+    for d in (0, 1, 3, 6):
+        mass = positive_attention_mass(model, docs, d)
+        assert 0 < mass["positive"] <= 1 and 0 < mass["memory_positive"] <= 1
+        if d == 0:
+            assert mass["positive"] == pytest.approx(1.0, abs=1e-5)
+            assert mass["memory_positive"] == pytest.approx(1.0, abs=1e-5)
+        else:
+            assert mass["memory_positive"] == pytest.approx(own_windows / (own_windows + d), abs=0.05)
+            assert mass["positive"] >= mass["memory_positive"]  # the local window counts as positive
+            assert mass["positive"] < previous["positive"] and mass["memory_positive"] < previous["memory_positive"]
+        previous = mass
+    assert not model.training
+
+
+def test_positive_attention_mass_sharp_model_and_training_flag():
+    """The same bounds and ordering for a model with large weights (far from uniform attention); the model's
+    training flag is restored."""
+    model = tiny_model(seed=1).train()
+    docs = _documents(4, 16, seed=1)
+    masses = [positive_attention_mass(model, docs, d)["memory_positive"] for d in (0, 2, 8)]
+    assert model.training
+    assert masses[0] == pytest.approx(1.0, abs=1e-5)
+    assert 1 > masses[1] > masses[2] > 0
+    assert masses[2] < 0.5
+
+
+def test_distraction_prompt_and_errors():
+    doc, other = list(range(10, 30)), list(range(40, 52))
+    prompt, own_memory = distraction_prompt(doc, [other, other[2:]], 8)
+    assert prompt == other[:8] + other[2:10] + doc[:16] and own_memory == 8
+    with pytest.raises(ValueError, match="shorter than two windows"):
+        distraction_prompt(doc[:15], [other], 8)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        distraction_prompt(doc, [other[:7]], 8)
