@@ -1,18 +1,23 @@
 """The FoT distraction experiment at small scale: does training with negatives keep attention on the right document?
 
-Two tiny LongLLaMA models are trained from scratch with `longllama-train` on the same synthetic retrieval task
-(`longllama.synthetic.FactsTask`: key-value facts in the first window of a document, questions about them in the
-second, so answers come only through memory), with the same budget:
+Two tiny LongLLaMA models (2 layers, hidden 128, memory layer 1 without rotary, as the paper's small models) are
+trained from scratch with `longllama-train` on synthetic key-value retrieval (`longllama.synthetic.FactsTask`), with
+the same budget, in two stages:
 
-- `positives`: memory holds only the document's own earlier window (`--positives-only`, d = 1);
-- `fot`: FoT crossbatch, memory also holds windows of other documents (d = 7: 1 positive + 6 negatives).
+1. shared, from scratch: in-window recall (facts and questions about them in one 64-token window), half of the
+   documents being copy warm-ups (a random run, `?`, the run again); content lookup emerges late in small models
+   and the copy documents teach it fast (../shared/reference/demo_model_notes.md), so it is learnt first;
+2. from that model, documents of two windows: facts in the first, questions in the second, so the answers come only
+   through memory. The two arms differ only in what memory holds during training:
+   - `positives`: only the document's own earlier window (`--positives-only`, d = 1);
+   - `fot`: FoT crossbatch, also windows of other documents (d = 7 with k = 2: 1 positive + 6 negatives).
 
-Then both answer held-out documents with 1, 8, 64 and 512 windows of *unrelated* documents in memory before their
-own (the inference path, window by window). The table and plot give the answer accuracy and the positive attention
-mass (`longllama.evaluation`).
+Then both answer held-out documents with 0, 1, 8, 64 and 512 windows of *unrelated* documents (sharing none of the
+document's keys) in memory before their own, on the inference path. The table and plot give the answer accuracy of
+the memory questions and the positive attention mass (`longllama.evaluation`).
 
     python benchmarks/distraction.py --work /tmp/distraction --json docs/figures/distraction.json \
-        --plot docs/figures/distraction.png          # ~25 minutes on 2 cores
+        --plot docs/figures/distraction.png          # ~25 minutes on an idle 2-core machine
 """
 
 import argparse
@@ -31,46 +36,67 @@ from longllama.evaluation import distraction_prompt, positive_attention_mass
 from longllama.synthetic import FactsTask
 
 DISTRACTORS = (0, 1, 8, 64, 512)
-# single-symbol keys from a large alphabet: the lookup a 2-layer model learns (an induction head) in minutes
-TASK = FactsTask(window=64, windows=2, key_length=1, symbols=1024, values=32, local_facts=2, local_questions=2)
+# one-symbol keys, distinct within a document: the lookup a 2-layer model can learn (an induction-style head)
+STAGE1 = FactsTask(window=64, windows=1, key_length=1, symbols=128, values=16, local_facts=6, local_questions=10)
+TASK = FactsTask(window=64, windows=2, key_length=1, symbols=128, values=16, local_facts=2, local_questions=2)
 RUNS = {
     "positives": ["--positives-only", "--cross-batch-range", "1"],
     "fot": ["--cross-batch-range", "7"],
 }
 
 
-def prepare(work: Path, task: FactsTask, documents: int, seed: int) -> None:
-    """Training documents, held-out documents, the word-level tokenizer and the model config."""
+def prepare(work: Path, documents: int, seed: int) -> None:
+    """Training documents of both stages, held-out documents, the word-level tokenizer and the model config."""
     rng = random.Random(seed)
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = task.tokenizer()
+    tokenizer = TASK.tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")
-    with open(work / "train.jsonl", "w") as f:
-        for _ in range(documents):
-            f.write(json.dumps(task.document(rng)) + "\n")
-    with open(work / "heldout.jsonl", "w") as f:
-        for _ in range(200):
-            f.write(json.dumps(task.document(rng)) + "\n")
+    with open(work / "stage1.jsonl", "w") as f:
+        for i in range(documents):
+            f.write(json.dumps(STAGE1.copy_document(rng) if i % 2 else STAGE1.document(rng)) + "\n")
+    for name, count in (("stage2.jsonl", documents), ("heldout.jsonl", 200)):
+        with open(work / name, "w") as f:
+            for _ in range(count):
+                f.write(json.dumps(TASK.document(rng)) + "\n")
     config = LongLlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=task.window,
-        last_context_length=task.window, mem_layers=[1], mem_positionals=False, mem_dtype="float32",
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=TASK.window,
+        last_context_length=TASK.window, mem_layers=[1], mem_positionals=False, mem_dtype="float32",
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     config.to_json_file(work / "tokenizer" / "config.json")
 
 
-def train(work: Path, name: str, args) -> subprocess.Popen:
+def launch(work: Path, name: str, start: list[str], data: str, steps: int, extra: list[str], args,
+           threads: int) -> subprocess.Popen:
     command = [
-        sys.executable, "-m", "longllama.train", "--init-config", str(work / "tokenizer" / "config.json"),
-        "--tokenizer", str(work / "tokenizer"), "--data", str(work / "train.jsonl"), "--output-dir",
-        str(work / name), "--batch-size", "32", "--pack-size", "2", "--steps", str(args.steps), "--lr", str(args.lr),
-        "--warmup-steps", "100", "--weight-decay", "0.01", "--seed", str(args.seed), "--save-every", "500",
-        "--log-every", "50", "--resume", "auto", *RUNS[name],
+        sys.executable, "-m", "longllama.train", *start, "--data", str(work / data), "--output-dir", str(work / name),
+        "--batch-size", "32", "--steps", str(steps), "--lr", str(args.lr), "--warmup-steps", "100",
+        "--weight-decay", "0.01", "--seed", str(args.seed), "--save-every", "500", "--log-every", "50",
+        "--resume", "auto", *extra,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"{name}.err", "w"))
+
+
+def train_all(work: Path, args) -> None:
+    start = time.perf_counter()
+    scratch = ["--init-config", str(work / "tokenizer" / "config.json"), "--tokenizer", str(work / "tokenizer")]
+    stage1 = launch(work, "stage1", scratch, "stage1.jsonl", args.stage1_steps, ["--pack-size", "1",
+                    "--cross-batch-range", "0"], args, threads=2)
+    if stage1.wait() != 0:
+        sys.exit(f"stage 1 failed: see {work / 'stage1.err'}")
+    print(f"stage 1 (in-window recall) trained in {time.perf_counter() - start:.0f} s", flush=True)
+    runs = {
+        name: launch(work, name, ["--model", str(work / "stage1" / "model")], "stage2.jsonl", args.steps,
+                     ["--pack-size", "2", *extra], args, threads=1)
+        for name, extra in RUNS.items()
+    }
+    for name, process in runs.items():
+        if process.wait() != 0:
+            sys.exit(f"training {name} failed: see {work / name}.err")
+    print(f"stage 2, both arms, trained in {time.perf_counter() - start:.0f} s in all", flush=True)
 
 
 def encode(tokenizer, document: dict) -> list[int]:
@@ -158,31 +184,26 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/longllama-distraction", help="data, runs and checkpoints go here")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--stage1-steps", type=int, default=3000, help="in-window recall steps (shared)")
+    parser.add_argument("--steps", type=int, default=1500, help="memory steps of each arm")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--documents", type=int, default=50000)
-    parser.add_argument("--threads", type=int, default=1, help="threads per training run (both run at once)")
+    parser.add_argument("--documents", type=int, default=60000)
     parser.add_argument("--eval-documents", type=int, default=40)
     parser.add_argument("--skip-training", action="store_true", help="evaluate the existing runs in --work")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG plot here")
     args = parser.parse_args()
-    work, task = Path(args.work), TASK
+    work = Path(args.work)
 
     if not args.skip_training:
-        if not (work / "train.jsonl").is_file():
-            prepare(work, task, args.documents, args.seed)
-        start = time.perf_counter()
-        runs = {name: train(work, name, args) for name in RUNS}
-        for name, process in runs.items():
-            if process.wait() != 0:
-                sys.exit(f"training {name} failed: see {work / name}.err")
-        print(f"trained both in {time.perf_counter() - start:.0f} s")
+        if not (work / "stage2.jsonl").is_file():
+            prepare(work, args.documents, args.seed)
+        train_all(work, args)
 
     torch.set_num_threads(2)
     print(f"{'model':>10} {'distr':>5} {'acc_mem':>7} {'acc_loc':>7} {'pos_mass':>8} {'mem_pos':>7}")
-    rows = [row for name in RUNS for row in evaluate(work, name, task, args)]
+    rows = [row for name in RUNS for row in evaluate(work, name, TASK, args)]
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "results": rows}, indent=2))
     if args.plot:

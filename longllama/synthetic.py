@@ -5,14 +5,17 @@ word-level tokenizer `word_tokenizer()` builds, so a document is exactly `window
 `<s>`/`</s>` and its windows line up with the rows of a k-packed batch (`longllama.data`, pack_size = windows):
 the facts of the first windows are only reachable from the last window through memory.
 
-    k0 k7 k3 = v12 ; k5 k1 k9 = v3 ; ...            facts (earlier windows; the last window has a few more)
-    ? k5 k1 k9 = v3 ; ? ...                         questions (last window): the answer follows "="
+    k0 k7 k3 v12 ; k5 k1 k9 v3 ; ...            facts (earlier windows; the last window has a few more)
+    ? k5 k1 k9 v3 ; ? ...                       questions (last window): the answer follows the key
+
+The value directly follows its key, so a 2-layer model can learn the lookup as an induction head (a previous-token
+head in layer 0, content matching in layer 1).
 """
 
 import random
 from dataclasses import dataclass
 
-FACT, QUESTION, EQUALS, END = "=", "?", "=", ";"
+QUESTION, END = "?", ";"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -33,7 +36,7 @@ def word_tokenizer(words: list[str]):
 class FactsTask:
     """Documents of `windows` windows of `window` tokens: facts, then questions in the last window.
 
-    A fact is `key_length` key symbols, `=`, a value, `;`. Questions ask for facts of the earlier windows
+    A fact is `key_length` key symbols, a value, `;`; keys are distinct within a document. Questions ask for facts of the earlier windows
     (`memory_questions`, answerable only through memory) and for facts stated in the last window itself
     (`local_questions`, which teach the lookup inside one window first).
     """
@@ -48,25 +51,44 @@ class FactsTask:
 
     @property
     def fact_length(self) -> int:
-        return self.key_length + 3
+        return self.key_length + 2
 
     def vocabulary(self) -> list[str]:
         keys = [f"k{i}" for i in range(self.symbols)]
-        return keys + [f"v{i}" for i in range(self.values)] + [EQUALS, END, QUESTION, "."]
+        return keys + [f"v{i}" for i in range(self.values)] + [END, QUESTION, "."]
 
     def tokenizer(self):
         return word_tokenizer(self.vocabulary())
 
     def _fact(self, rng: random.Random, exclude: set) -> list[str]:
+        """A fact with a key not in `exclude` (which then holds it too: keys are distinct within a document)."""
+        if len(exclude) >= self.symbols**self.key_length:
+            raise ValueError(
+                f"No distinct key left: {self.symbols}**{self.key_length} keys are all used or excluded; raise symbols."
+            )
         while True:
             key = tuple(f"k{rng.randrange(self.symbols)}" for _ in range(self.key_length))
             if key not in exclude:
                 break
-        return [*key, EQUALS, f"v{rng.randrange(self.values)}", END]
+        exclude.add(key)
+        return [*key, f"v{rng.randrange(self.values)}", END]
 
     @staticmethod
     def _fill(words: list[str], length: int) -> list[str]:
         return words + ["."] * (length - len(words))
+
+    def copy_document(self, rng: random.Random) -> dict:
+        """A warm-up document: a random run of key and value symbols, `?`, then the same run again (its length varies,
+        so only a content lookup, not a fixed offset, predicts the copy). It teaches the induction-style lookup that
+        the facts need, fast (../shared/reference/demo_model_notes.md: a copy warm-up works where facts alone stall).
+        `copy_answers` are the token positions of the copied run (0 = `<s>`)."""
+        room = self.windows * self.window - 2
+        length = rng.randint(4, (room - 1) // 2)
+        symbols = [f"k{i}" for i in range(self.symbols)] + [f"v{i}" for i in range(self.values)]
+        run = [rng.choice(symbols) for _ in range(length)]
+        words = self._fill(run + [QUESTION] + run, room)
+        start = 1 + length + 1
+        return {"text": " ".join(words), "keys": [], "copy_answers": list(range(start + 1, start + length))}
 
     def document(self, rng: random.Random, exclude_keys=()) -> dict:
         """`{"text": ..., "keys": [...], "memory_answers": [...], "local_answers": [...]}`; the answers are token
@@ -85,7 +107,7 @@ class FactsTask:
                 window_words += fact
             words += self._fill(window_words, room)
         # last window (ends before </s>): a few new facts, then questions about earlier and new facts
-        room = self.window - 1
+        room = self.window - (2 if self.windows == 1 else 1)  # </s>, and <s> too in a one-window document
         local = [self._fact(rng, exclude) for _ in range(self.local_facts)]
         last = [w for fact in local for w in fact]
         n_questions = (room - len(last)) // (f + 1)
@@ -96,7 +118,7 @@ class FactsTask:
         memory_answers, local_answers = [], []
         start = 1 + len(words)  # token position of the last window's first word (after <s>)
         for fact in asked:
-            position = start + len(last) + 1 + self.key_length + 1  # ? key... = value
+            position = start + len(last) + 1 + self.key_length  # ? key... value
             (local_answers if any(fact is x for x in local) else memory_answers).append(position)
             last += [QUESTION] + fact
         words += self._fill(last, room)

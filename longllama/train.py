@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -360,6 +361,10 @@ def train(cfg: TrainConfig) -> Path:
         gradient_accumulation_steps=cfg.grad_accum,  # accelerate divides the loss and skips syncs in between
         step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, whatever the process count
     )
+    if not _has_accelerator() and any(
+        os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" for engine in ("FSDP", "DEEPSPEED")
+    ):
+        accelerator.print("longllama-train: warning: FSDP and DeepSpeed need GPUs; without one this runs plain DDP.")
     resume_from = resolve_resume(cfg, accelerator.num_processes)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model or Path(cfg.init_config).parent)
     batches = make_batches(cfg, tokenizer, window, accelerator.process_index, accelerator.num_processes,
@@ -367,7 +372,9 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- model and optimizer
     set_seed(cfg.seed)
-    model = LongLlamaForCausalLM.from_pretrained(cfg.model) if cfg.model else LongLlamaForCausalLM(config)
+    # fp32 master weights whatever the checkpoint's dtype; --mixed-precision computes in bf16/fp16 under autocast
+    model = (LongLlamaForCausalLM.from_pretrained(cfg.model, dtype=torch.float32) if cfg.model
+             else LongLlamaForCausalLM(config))
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(every_n_layers=max(1, config.gradient_checkpoint_every_ith))
@@ -472,7 +479,7 @@ def evaluate(cfg: TrainConfig) -> dict:
     config, window = load_model_config(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.evaluate)
     documents = eval_documents(cfg, tokenizer, window)
-    model = LongLlamaForCausalLM.from_pretrained(cfg.evaluate)
+    model = LongLlamaForCausalLM.from_pretrained(cfg.evaluate, dtype=torch.float32)
     return positive_attention_mass(model, documents, cfg.eval_distractors, window)
 
 

@@ -597,7 +597,6 @@ def test_facts_task_documents(window, windows, key_length, local_questions):
                      local_questions=local_questions)
     tokenizer = task.tokenizer()
     assert tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None
-    equals = tokenizer.convert_tokens_to_ids("=")
     rng = random.Random(window)
     total_memory = 0
     for _ in range(20):
@@ -610,18 +609,42 @@ def test_facts_task_documents(window, windows, key_length, local_questions):
         last = (windows - 1) * window
         for position in document["memory_answers"] + document["local_answers"]:
             assert last <= position < windows * window
-            assert words[position].startswith("v") and words[position - 1] == "="
-            assert tokens[position - 1] == equals  # positions are token positions (0 = <s>)
-            assert tokens[position] == tokenizer.convert_tokens_to_ids(words[position])
-            key = words[position - 1 - key_length : position - 1]
-            assert words[position - 2 - key_length] == "?"
-            fact = " ".join(key + ["=", words[position]])
+            assert words[position].startswith("v") and words[position - 1].startswith("k")
+            assert tokens[position] == tokenizer.convert_tokens_to_ids(words[position])  # token positions, 0 = <s>
+            key = words[position - key_length : position]
+            assert all(symbol.startswith("k") for symbol in key)
+            assert words[position - 1 - key_length] == "?"
+            fact = " ".join(key + [words[position], ";"])
             if position in document["memory_answers"]:  # stated in an earlier window: only memory can answer
                 assert fact in " ".join(words[:last])
             else:
-                assert fact in " ".join(words[last : position - 2 - key_length])
+                assert fact in " ".join(words[last : position - 1 - key_length])
+        keys = [tuple(key) for key in document["keys"]]
+        assert len(keys) == len(set(keys))  # keys are distinct within a document
         total_memory += len(document["memory_answers"])
     if (window, windows) != (16, 2):
         assert total_memory > 0
     if local_questions == 0:
         assert not document["local_answers"]
+
+
+def test_facts_task_copy_documents_and_excluded_keys():
+    task = FactsTask(window=32, windows=2, key_length=1, symbols=40, values=8)
+    tokenizer = task.tokenizer()
+    rng = random.Random(0)
+    lengths = set()
+    for _ in range(20):
+        document = task.copy_document(rng)
+        words = ["<s>", *document["text"].split(), "</s>"]
+        assert len(tokenizer(document["text"], add_special_tokens=False)["input_ids"]) == 2 * 32 - 2
+        question = words.index("?")
+        run = words[1:question]
+        lengths.add(len(run))
+        assert words[question + 1 : question + 1 + len(run)] == run  # the run is repeated after "?"
+        assert document["copy_answers"] == list(range(question + 2, question + 1 + len(run)))
+    assert len(lengths) > 5  # the copy offset varies, so position alone cannot predict it
+    first = task.document(rng)
+    other = task.document(rng, exclude_keys=first["keys"])
+    assert not {tuple(k) for k in first["keys"]} & {tuple(k) for k in other["keys"]}
+    with pytest.raises(ValueError, match="No distinct key left"):
+        FactsTask(window=64, windows=2, key_length=1, symbols=8).document(rng)
