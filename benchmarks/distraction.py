@@ -17,7 +17,7 @@ document's keys) in memory before their own, on the inference path. The table an
 the memory questions and the positive attention mass (`longllama.evaluation`).
 
     python benchmarks/distraction.py --work /tmp/distraction --json docs/figures/distraction.json \
-        --plot docs/figures/distraction.png          # ~25 minutes on an idle 2-core machine
+        --plot docs/figures/distraction.png --stage1-steps 3500 --steps 4000   # ~35 minutes on 2 cores
 """
 
 import argparse
@@ -184,8 +184,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/longllama-distraction", help="data, runs and checkpoints go here")
-    parser.add_argument("--stage1-steps", type=int, default=3000, help="in-window recall steps (shared)")
-    parser.add_argument("--steps", type=int, default=1500, help="memory steps of each arm")
+    parser.add_argument("--stage1-steps", type=int, default=3500, help="in-window recall steps (shared)")
+    parser.add_argument("--steps", type=int, default=4000, help="memory steps of each arm")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--documents", type=int, default=60000)
