@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
+from longllama.data import encode_document
 from longllama.evaluation import distraction_prompt, positive_attention_mass
 from longllama.synthetic import FactsTask
 
@@ -100,8 +101,7 @@ def train_all(work: Path, args) -> None:
 
 
 def encode(tokenizer, document: dict) -> list[int]:
-    ids = tokenizer(document["text"], add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    return encode_document(tokenizer, document["text"])
 
 
 def distractor_windows(task: FactsTask, tokenizer, queries: list[dict], count: int, seed: int):

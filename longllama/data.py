@@ -68,7 +68,9 @@ def resolve_data_files(paths: Iterable[str | Path]) -> list[Path]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:1 is not a JSON object: {error}") from error
             if not isinstance(first, dict):
-                raise ValueError(f"{path}:1 is JSON but not an object: each line must be an object like {{\"text\": ...}}.")
+                raise ValueError(
+                    f"{path}:1 is JSON but not an object: each line must be an object like {{\"text\": ...}}."
+                )
     return files
 
 
@@ -137,6 +139,11 @@ class DocumentSource:
         return item
 
 
+def encode_document(tokenizer, text: str) -> list[int]:
+    """`<bos> text <eos>` as token ids: how every document is fed, so documents are separated by `<eos><bos>`."""
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+
+
 class TokenStream:
     """The token ids of this process's documents, `<bos> text <eos>` each, cycling over epochs.
 
@@ -168,8 +175,7 @@ class TokenStream:
             self._iterator = self._documents(0)
             text = next(self._iterator)
         self.consumed += 1
-        ids = [self.tokenizer.bos_token_id, *self.tokenizer(text, add_special_tokens=False)["input_ids"]]
-        ids.append(self.tokenizer.eos_token_id)
+        ids = encode_document(self.tokenizer, text)
         self.tokens += len(ids)
         return ids
 
@@ -305,5 +311,6 @@ __all__ = [
     "MemoryFineTuningBatches",
     "PackedBatches",
     "TokenStream",
+    "encode_document",
     "resolve_data_files",
 ]

@@ -92,11 +92,9 @@ class _AttentionProbe:
         self.results.append((positive[valid].mean(), memory_positive[valid].mean()))
 
 
-def pick_distractors(documents: list[list[int]], index: int, count: int, window: int, pool=None) -> list[list[int]]:
-    """`count` windows of documents other than `documents[index]`, round-robin from the windows of `pool` (other
-    token-id lists) or, without a pool, of the other documents."""
-    if pool is None:
-        pool = [doc for j, doc in enumerate(documents) if j != index]
+def pick_distractors(documents: list[list[int]], index: int, count: int, window: int) -> list[list[int]]:
+    """`count` windows of documents other than `documents[index]`, round-robin from all their full windows."""
+    pool = [doc for j, doc in enumerate(documents) if j != index]
     windows = [doc[i : i + window] for doc in pool for i in range(0, len(doc) - window + 1, window)]
     if count and not windows:
         raise ValueError("Distractors come from other documents: give documents with at least one full window.")
@@ -105,15 +103,15 @@ def pick_distractors(documents: list[list[int]], index: int, count: int, window:
 
 @torch.no_grad()
 def positive_attention_mass(
-    model, documents: list[list[int]], num_distractors: int, window: int | None = None, distractor_pool=None,
+    model, documents: list[list[int]], num_distractors: int, window: int | None = None,
     distractors: list[list[list[int]]] | None = None,
 ):
     """The positive attention mass of `model` (a `LongLlamaForCausalLM`) with `num_distractors` unrelated windows in
     memory, averaged over `documents` (token id lists of at least two windows each).
 
-    The distractors are windows of the *other* documents (or of `distractor_pool`, a list of token-id lists), taken
-    round-robin (`pick_distractors`), or given explicitly: `distractors[i]` is the list of windows put in memory
-    before `documents[i]`. Returns `{"positive": float, "memory_positive": float}` (module docstring).
+    The distractors are windows of the *other* documents, taken round-robin (`pick_distractors`), or given
+    explicitly: `distractors[i]` is the list of windows put in memory before `documents[i]`.
+    Returns `{"positive": float, "memory_positive": float}` (module docstring).
     """
     window = window or model.config.max_position_embeddings
     was_training, bars = model.training, logging.is_progress_bar_enabled()
@@ -124,7 +122,7 @@ def positive_attention_mass(
         with _AttentionProbe(model) as probe:
             for index, document in enumerate(documents):
                 if distractors is None:
-                    before = pick_distractors(documents, index, num_distractors, window, distractor_pool)
+                    before = pick_distractors(documents, index, num_distractors, window)
                 else:
                     before = distractors[index][:num_distractors]
                 prompt, probe.own_memory_tokens = distraction_prompt(document, before, window)

@@ -36,9 +36,9 @@ def word_tokenizer(words: list[str]):
 class FactsTask:
     """Documents of `windows` windows of `window` tokens: facts, then questions in the last window.
 
-    A fact is `key_length` key symbols, a value, `;`; keys are distinct within a document. Questions ask for facts of the earlier windows
-    (`memory_questions`, answerable only through memory) and for facts stated in the last window itself
-    (`local_questions`, which teach the lookup inside one window first).
+    A fact is `key_length` key symbols, a value, `;`; keys are distinct within a document. The last window states
+    `local_facts` new facts, asks `local_questions` about them (which teach the lookup inside one window), and
+    fills the rest with questions about facts of the earlier windows (answerable only through memory).
     """
 
     window: int = 64

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream
+from .data import IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream, encode_document
 from .evaluation import positive_attention_mass
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def eval_documents(cfg: TrainConfig, tokenizer, window: int) -> list[list[int]]:
     source = DocumentSource(files=cfg.eval_data or cfg.data, text_field=cfg.text_field)
     documents = []
     for text in source:
-        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+        ids = encode_document(tokenizer, text)
         if len(ids) >= 2 * window:
             documents.append(ids)
         if len(documents) == cfg.eval_documents:
@@ -352,8 +352,6 @@ def train(cfg: TrainConfig) -> Path:
     # ---- checks, before anything heavy
     check_config(cfg)
     config, window = load_model_config(cfg)
-    source_check = DocumentSource(files=cfg.data, text_field=cfg.text_field)  # readable, non-empty files
-    del source_check
     accelerator = Accelerator(
         # without a GPU, processes started by torchrun (`accelerate launch --multi_gpu`) form a gloo DDP group on CPU
         cpu=not _has_accelerator(),
