@@ -34,20 +34,28 @@ def word_tokenizer(words: list[str]):
 
 @dataclass
 class FactsTask:
-    """Documents of `windows` windows of `window` tokens: facts, then questions in the last window.
+    """Documents of `windows` windows of `window` tokens: facts and questions about them, interleaved at random.
 
-    A fact is `key_length` key symbols, a value, `;`; keys are distinct within a document. The last window states
-    `local_facts` new facts, asks `local_questions` about them (which teach the lookup inside one window), and
-    fills the rest with questions about facts of the earlier windows (answerable only through memory).
+    A fact is `key_length` key symbols, a value, `;`; a question is `?` and a fact stated earlier in the document
+    (each fact is asked at most once and not right after it is stated; keys are distinct within a document). Items sit at random positions, with
+    0 to `max_gap` filler words (`.`) before each, and never straddle a window boundary, so the lookup cannot be
+    solved by position: it needs the value's previous token (the key) in its layer-0 representation, which is what
+    memory keys carry across windows. In the first window a share `first_question_rate` of the items are questions,
+    in later windows `question_rate`; a question in a later window asks about a fact of an earlier window (a
+    *memory* question, answerable only through memory) with probability `memory_share` when there is one left,
+    else about a fact of its own window (a *local* question).
     """
 
     window: int = 64
     windows: int = 2
-    key_length: int = 3
-    symbols: int = 40
+    key_length: int = 1
+    symbols: int = 128
     values: int = 32
-    local_facts: int = 2
-    local_questions: int = 2
+    first_question_rate: float = 0.3
+    question_rate: float = 0.6
+    memory_share: float = 0.8
+    max_gap: int = 2
+    question_marker: bool = True
 
     @property
     def fact_length(self) -> int:
@@ -73,58 +81,85 @@ class FactsTask:
         exclude.add(key)
         return [*key, f"v{rng.randrange(self.values)}", END]
 
-    @staticmethod
-    def _fill(words: list[str], length: int) -> list[str]:
-        return words + ["."] * (length - len(words))
-
-    def copy_document(self, rng: random.Random) -> dict:
-        """A warm-up document: a random run of key and value symbols, `?`, then the same run again (its length varies,
-        so only a content lookup, not a fixed offset, predicts the copy). It teaches the induction-style lookup that
-        the facts need, fast (../shared/reference/demo_model_notes.md: a copy warm-up works where facts alone stall).
-        `copy_answers` are the token positions of the copied run (0 = `<s>`)."""
-        room = self.windows * self.window - 2
-        length = rng.randint(4, (room - 1) // 2)
-        symbols = [f"k{i}" for i in range(self.symbols)] + [f"v{i}" for i in range(self.values)]
-        run = [rng.choice(symbols) for _ in range(length)]
-        words = self._fill(run + [QUESTION] + run, room)
-        start = 1 + length + 1
-        return {"text": " ".join(words), "keys": [], "copy_answers": list(range(start + 1, start + length))}
+    def _window_end(self, w: int) -> int:
+        """Token position (0 = `<s>`) just past the room for words in window `w` (the last one ends before `</s>`)."""
+        return (w + 1) * self.window - (1 if w == self.windows - 1 else 0)
 
     def document(self, rng: random.Random, exclude_keys=()) -> dict:
         """`{"text": ..., "keys": [...], "memory_answers": [...], "local_answers": [...]}`; the answers are token
-        positions (0 = `<s>`) of the value words answering memory and local questions. Keys (tuples of symbols) in
+        positions (0 = `<s>`) of the value words that answer memory and local questions. Keys (tuples of symbols) in
         `exclude_keys` are not used: distractor documents that cannot contain the right answer by accident."""
+        if self.window < self.fact_length + self.max_gap + 2:
+            raise ValueError(f"window={self.window} is too short for one fact ({self.fact_length} words) and <s>.")
         exclude = {tuple(key) for key in exclude_keys}
-        total, f = self.windows * self.window, self.fact_length
-        # earlier windows: facts (the first starts after <s>)
-        words, earlier = [], []
-        for w in range(self.windows - 1):
-            room = self.window - (1 if w == 0 else 0)
-            window_words = []
-            while len(window_words) + f <= room:
-                fact = self._fact(rng, exclude)
-                earlier.append(fact)
-                window_words += fact
-            words += self._fill(window_words, room)
-        # last window (ends before </s>): a few new facts, then questions about earlier and new facts
-        room = self.window - (2 if self.windows == 1 else 1)  # </s>, and <s> too in a one-window document
-        local = [self._fact(rng, exclude) for _ in range(self.local_facts)]
-        last = [w for fact in local for w in fact]
-        n_questions = (room - len(last)) // (f + 1)
-        n_local = min(self.local_questions, n_questions) if local else 0
-        asked = [rng.choice(local) for _ in range(n_local)]
-        asked += rng.sample(earlier, min(n_questions - n_local, len(earlier)))
-        rng.shuffle(asked)
+        words, keys = [], []
         memory_answers, local_answers = [], []
-        start = 1 + len(words)  # token position of the last window's first word (after <s>)
-        for fact in asked:
-            position = start + len(last) + 1 + self.key_length  # ? key... value
-            (local_answers if any(fact is x for x in local) else memory_answers).append(position)
-            last += [QUESTION] + fact
-        words += self._fill(last, room)
-        assert len(words) == total - 2
-        keys = [fact[: self.key_length] for fact in earlier + local]
+        earlier, local = [], []  # facts not asked yet: of earlier windows, of the current one
+        fresh = []  # the fact just stated: askable only after another item (no fixed-offset shortcut)
+        position = 1  # after <s>
+        for w in range(self.windows):
+            earlier += local + fresh
+            local, fresh = [], []
+            end = self._window_end(w)
+            rate = self.first_question_rate if w == 0 else self.question_rate
+            while True:
+                gap = rng.randint(0, self.max_gap)
+                ask = bool(earlier or local) and rng.random() < rate
+                memory = ask and bool(earlier) and (not local or rng.random() < self.memory_share)
+                marker = [QUESTION] if ask and self.question_marker else []
+                length = self.fact_length + len(marker)
+                if position + gap + length > end:
+                    break
+                words += ["."] * gap
+                position += gap
+                stale, fresh = fresh, []  # becomes askable once this item is placed
+                if ask:
+                    pool = earlier if memory else local
+                    fact = pool.pop(rng.randrange(len(pool)))
+                    (memory_answers if memory else local_answers).append(position + len(marker) + self.key_length)
+                    words += [*marker, *fact]
+                else:
+                    fact = self._fact(rng, exclude)
+                    keys.append(fact[: self.key_length])
+                    fresh.append(fact)
+                    words += fact
+                local += stale
+                position += length
+            words += ["."] * (end - position)
+            position = end + (1 if w == self.windows - 1 else 0)
+        assert len(words) == self.windows * self.window - 2
         return {"text": " ".join(words), "keys": keys, "memory_answers": memory_answers, "local_answers": local_answers}
+
+    def copy_document(self, rng: random.Random) -> dict:
+        """A warm-up document: a random run of key and value symbols, then, later, `?` and the same run again; with
+        one window both sit in it, with several the run is in an earlier window than its copy (a copy through
+        memory). Lengths and positions vary, so only a content lookup (the previous-token/induction mechanism the
+        facts need) predicts the copy; it is learnt much faster than the facts
+        (../shared/reference/demo_model_notes.md). `copy_answers` are the token positions of the copied run after
+        its first word (0 = `<s>`)."""
+        symbols = [f"k{i}" for i in range(self.symbols)] + [f"v{i}" for i in range(self.values)]
+        if self.windows == 1:
+            room = self.window - 2
+            length = rng.randint(4, (room - 1) // 2)
+            run = [rng.choice(symbols) for _ in range(length)]
+            gap = rng.randint(0, room - 2 * length - 1)
+            before = rng.randint(0, gap)
+            words = ["."] * before + run + ["."] * (gap - before) + [QUESTION] + run
+            copy_start = 1 + len(words) - length
+        else:
+            source = rng.randrange(self.windows - 1)
+            length = rng.randint(4, self.window // 2)
+            run = [rng.choice(symbols) for _ in range(length)]
+            source_start = source * self.window + rng.randint(1 if source == 0 else 0, self.window - length)
+            last_start = (self.windows - 1) * self.window
+            question = last_start + rng.randint(0, self._window_end(self.windows - 1) - last_start - length - 1)
+            words = ["."] * (self.windows * self.window - 2)
+            words[source_start - 1 : source_start - 1 + length] = run
+            words[question - 1] = QUESTION
+            words[question : question + length] = run
+            copy_start = question + 1
+        words += ["."] * (self.windows * self.window - 2 - len(words))
+        return {"text": " ".join(words), "keys": [], "copy_answers": list(range(copy_start + 1, copy_start + length))}
 
 
 __all__ = ["FactsTask", "word_tokenizer"]

@@ -591,58 +591,85 @@ def test_layout_errors(tok):
 # =========================================================================== FactsTask
 
 
-@pytest.mark.parametrize("window,windows,key_length,local_questions", [(16, 2, 2, 2), (32, 3, 2, 2), (24, 2, 3, 0)])
-def test_facts_task_documents(window, windows, key_length, local_questions):
-    task = FactsTask(window=window, windows=windows, key_length=key_length, symbols=8, values=8,
-                     local_questions=local_questions)
+@pytest.mark.parametrize("window,windows,key_length,marker", [(16, 2, 2, True), (32, 3, 1, True), (24, 2, 3, False),
+                                                              (64, 1, 1, False)])
+def test_facts_task_documents(window, windows, key_length, marker):
+    task = FactsTask(window=window, windows=windows, key_length=key_length, symbols=40 if key_length == 1 else 8, values=8,
+                     question_marker=marker)
     tokenizer = task.tokenizer()
     assert tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None
     rng = random.Random(window)
-    total_memory = 0
-    for _ in range(20):
+    counts = {"memory": 0, "local": 0}
+    offsets = set()
+    for _ in range(30):
         document = task.document(rng)
         tokens = [tokenizer.bos_token_id, *tokenizer(document["text"], add_special_tokens=False)["input_ids"]]
         tokens.append(tokenizer.eos_token_id)
         assert len(tokens) == windows * window
         assert tokenizer.unk_token_id not in tokens
         words = ["<s>", *document["text"].split(), "</s>"]
-        last = (windows - 1) * window
-        for position in document["memory_answers"] + document["local_answers"]:
-            assert last <= position < windows * window
-            assert words[position].startswith("v") and words[position - 1].startswith("k")
-            assert tokens[position] == tokenizer.convert_tokens_to_ids(words[position])  # token positions, 0 = <s>
-            key = words[position - key_length : position]
+        stated = {}  # key -> (position of the fact's first word, its value)
+        asked, i = 0, 1
+        while i < len(words) - 1:  # parse the items: every word is a fact, a question, or filler
+            if words[i] == ".":
+                i += 1
+                continue
+            start = i
+            if words[i] == "?":
+                i += 1
+            key = tuple(words[i : i + key_length])
             assert all(symbol.startswith("k") for symbol in key)
-            assert words[position - 1 - key_length] == "?"
-            fact = " ".join(key + [words[position], ";"])
-            if position in document["memory_answers"]:  # stated in an earlier window: only memory can answer
-                assert fact in " ".join(words[:last])
+            value, end = words[i + key_length], words[i + key_length + 1]
+            assert value.startswith("v") and end == ";"
+            assert start // window == (i + key_length + 1) // window  # no item straddles a window boundary
+            answer = i + key_length
+            if key in stated:  # a question: it restates an earlier fact
+                assert (words[start] == "?") == marker
+                first, stated_value = stated[key]
+                assert stated_value == value
+                assert tokens[answer] == tokenizer.convert_tokens_to_ids(value)  # token positions, 0 = <s>
+                kind = "memory" if first // window < answer // window else "local"
+                assert answer in document[f"{kind}_answers"]
+                counts[kind] += 1
+                asked += 1
+                offsets.add(answer % window)
             else:
-                assert fact in " ".join(words[last : position - 1 - key_length])
-        keys = [tuple(key) for key in document["keys"]]
-        assert len(keys) == len(set(keys))  # keys are distinct within a document
-        total_memory += len(document["memory_answers"])
-    if (window, windows) != (16, 2):
-        assert total_memory > 0
-    if local_questions == 0:
-        assert not document["local_answers"]
+                assert words[start] != "?"
+                stated[key] = (start, value)
+            i += key_length + 2
+        answers = document["memory_answers"] + document["local_answers"]
+        assert len(answers) == len(set(answers)) == asked  # every question is listed, once
+        assert {tuple(k) for k in document["keys"]} == set(stated)
+        assert len(document["keys"]) == len(stated)  # keys are distinct within a document
+    assert counts["local"] > 0
+    assert (counts["memory"] > 0) == (windows > 1)
+    assert len(offsets) > window // 4  # questions fall at many offsets within a window
 
 
-def test_facts_task_copy_documents_and_excluded_keys():
-    task = FactsTask(window=32, windows=2, key_length=1, symbols=40, values=8)
+@pytest.mark.parametrize("windows", [1, 2, 3])
+def test_facts_task_copy_documents_and_excluded_keys(windows):
+    window = 32
+    task = FactsTask(window=window, windows=windows, key_length=1, symbols=40, values=8)
     tokenizer = task.tokenizer()
     rng = random.Random(0)
-    lengths = set()
-    for _ in range(20):
+    lengths, sources, copies = set(), set(), set()
+    for _ in range(30):
         document = task.copy_document(rng)
         words = ["<s>", *document["text"].split(), "</s>"]
-        assert len(tokenizer(document["text"], add_special_tokens=False)["input_ids"]) == 2 * 32 - 2
+        assert len(tokenizer(document["text"], add_special_tokens=False)["input_ids"]) == windows * window - 2
         question = words.index("?")
-        run = words[1:question]
-        lengths.add(len(run))
-        assert words[question + 1 : question + 1 + len(run)] == run  # the run is repeated after "?"
+        run = [w for w in words[1:question] if w != "."]
+        start = words.index(run[0])
+        assert words[start : start + len(run)] == run  # one contiguous run before "?"
+        assert words[question + 1 : question + 1 + len(run)] == run  # repeated right after "?"
+        assert set(words[question + 1 + len(run) :]) <= {".", "</s>"}
         assert document["copy_answers"] == list(range(question + 2, question + 1 + len(run)))
-    assert len(lengths) > 5  # the copy offset varies, so position alone cannot predict it
+        if windows > 1:  # the run sits in an earlier window than "?" and its copy: a copy through memory
+            assert (start + len(run) - 1) // window < question // window == windows - 1
+        lengths.add(len(run))
+        sources.add(start)
+        copies.add(question)
+    assert min(len(lengths), len(sources), len(copies)) > 5  # the copy offset varies: position cannot predict it
     first = task.document(rng)
     other = task.document(rng, exclude_keys=first["keys"])
     assert not {tuple(k) for k in first["keys"]} & {tuple(k) for k in other["keys"]}
