@@ -216,11 +216,23 @@ class PackedBatches:
                  cross_batch_range: int = 0, stepping: bool | None = None, positives_only: bool = False):
         _check_layout(batch_size, pack_size, window, cross_batch_range)
         self.stream, self.batch_size, self.window, self.pack_size = stream, batch_size, window, pack_size
+        self.stepping, self.positives_only = stepping, positives_only
+        self.cross_batch_range = cross_batch_range
         self.rows = cross_batch_rows(
             cross_batch_ranges(batch_size, cross_batch_range, pack_size, stepping, positives_only)
         )
         self.buffers: list[list[int]] = [[] for _ in range(batch_size // pack_size)]
         stream.min_epoch_tokens = pack_size * window + 1
+
+    def set_cross_batch_range(self, cross_batch_range: int) -> None:
+        """A new d (a scheduled one) for the batches from now on: only which rows each row's memory sees changes,
+        not the documents or their place in the batch."""
+        if cross_batch_range != self.cross_batch_range:
+            _check_layout(self.batch_size, self.pack_size, self.window, cross_batch_range)
+            self.rows = cross_batch_rows(cross_batch_ranges(
+                self.batch_size, cross_batch_range, self.pack_size, self.stepping, self.positives_only
+            ))
+            self.cross_batch_range = cross_batch_range
 
     def __iter__(self):
         return self

@@ -53,6 +53,7 @@ class TrainConfig:
     cross_batch_range: int = 3  # d: rows each row may see (0 = no crossbatch)
     stepping: bool = True  # the FoT stepping rule (mix of rows with few and many extra contexts)
     positives_only: bool = False  # memory holds only the same document's earlier rows (ablation)
+    cross_batch_schedule: str | None = None  # "STEP:D,...": d from STEP on (before the first: cross_batch_range)
     # optimisation (defaults: the published FoT fine-tuning recipe)
     steps: int = 1000  # optimizer steps
     lr: float = 2e-5
@@ -79,7 +80,7 @@ class TrainConfig:
 
 # fields that must match for a checkpoint to be resumed: they decide the model and the exact data order
 RESUME_KEYS = ("model", "init_config", "data", "text_field", "mode", "window", "batch_size", "pack_size",
-               "cross_batch_range", "stepping", "positives_only", "grad_accum", "seed")
+               "cross_batch_range", "cross_batch_schedule", "stepping", "positives_only", "grad_accum", "seed")
 
 
 def _field_type(f: dataclasses.Field):
@@ -117,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch` for DDP / FSDP / DeepSpeed). Give a config file and/or flags; flags win.",
         epilog="Example: longllama-train --model ./long_llama_3b --data corpus/ --steps 1000 --output-dir run. "
         "Resume an interrupted run with the same flags plus --resume auto. See docs/training.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", help="YAML or JSON file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
@@ -125,11 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = _HELP.get(f.name, "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="+", default=None, help=f"{help_text} (default: {default or 'none'})")
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=kind, default=None,
+                                help=f"{help_text} (default: {'none' if default is None else default})")
     return parser
 
 
@@ -146,6 +148,9 @@ _HELP = {
     "cross_batch_range": "d: how many earlier rows each row's memory layers see",
     "stepping": "FoT stepping rule for k-packed batches",
     "positives_only": "memory sees only earlier rows of the same document (no negatives)",
+    "cross_batch_schedule": "raise d during training, as the paper's small models: '500:7,1000:15' uses "
+    "--cross-batch-range until step 500, then d=7, from step 1000 d=15 (negatives make the retrieval harder to "
+    "learn from scratch; start with few)",
     "steps": "optimizer steps to train for",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay (not applied to norms)",
@@ -215,6 +220,40 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "pack_size", "grad_accum", "log_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    cross_batch_schedule(cfg)
+
+
+def cross_batch_schedule(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """`--cross-batch-schedule` as `[(step, d), ...]`, checked: steps increasing, d at least 0, FoT mode only."""
+    if not cfg.cross_batch_schedule:
+        return []
+    if cfg.mode != "fot":
+        raise ValueError("--cross-batch-schedule raises d of FoT crossbatch: it needs --mode fot.")
+    schedule = []
+    for item in cfg.cross_batch_schedule.replace(" ", "").split(","):
+        try:
+            step, d = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(
+                f"--cross-batch-schedule {cfg.cross_batch_schedule!r}: expected STEP:D pairs separated by commas, "
+                "e.g. '500:7,1000:15' (d=7 from step 500, d=15 from step 1000)."
+            ) from None
+        if d < 0 or step < 0 or (schedule and step <= schedule[-1][0]):
+            raise ValueError(
+                f"--cross-batch-schedule {cfg.cross_batch_schedule!r}: steps must increase and steps and d must be "
+                "at least 0."
+            )
+        schedule.append((step, d))
+    return schedule
+
+
+def cross_batch_range_at(cfg: TrainConfig, schedule: list[tuple[int, int]], step: int) -> int:
+    """d for the optimizer step that starts at `step` (0-based)."""
+    d = cfg.cross_batch_range
+    for start, value in schedule:
+        if step >= start:
+            d = value
+    return d
 
 
 def load_model_config(cfg: TrainConfig):
@@ -298,8 +337,12 @@ def make_batches(cfg: TrainConfig, tokenizer, window: int, rank: int, world_size
     stream = TokenStream(DocumentSource(files=cfg.data, text_field=cfg.text_field), tokenizer, rank, world_size)
     if cfg.mode == "memory":
         return MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank, pad_token_id)
-    return PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.cross_batch_range, cfg.stepping,
-                         cfg.positives_only)
+    batches = PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.cross_batch_range, cfg.stepping,
+                            cfg.positives_only)
+    for _, d in cross_batch_schedule(cfg):  # every scheduled d must fit the batch: fail now, not at that step
+        batches.set_cross_batch_range(d)
+    batches.set_cross_batch_range(cfg.cross_batch_range)
+    return batches
 
 
 def eval_documents(cfg: TrainConfig, tokenizer, window: int) -> list[list[int]]:
@@ -400,10 +443,13 @@ def train(cfg: TrainConfig) -> Path:
         log_file.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- loop
+    schedule = cross_batch_schedule(cfg)  # [] in memory mode (check_config refuses a schedule there)
     progress = tqdm(total=cfg.steps, initial=step, desc="longllama-train", disable=not accelerator.is_main_process)
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     try:
         while step < cfg.steps:
+            if schedule:
+                batches.set_cross_batch_range(cross_batch_range_at(cfg, schedule, step))
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 with accelerator.accumulate(model), accelerator.autocast():
@@ -432,6 +478,8 @@ def train(cfg: TrainConfig) -> Path:
                 tokens_seen += window_tokens
                 record = {"step": step, "loss": window_loss / window_steps, "tokens_per_s": window_tokens / seconds,
                           "lr": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen}
+                if schedule:
+                    record["cross_batch_range"] = batches.cross_batch_range
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and accelerator.is_main_process:
                     mass = positive_attention_mass(accelerator.unwrap_model(model), eval_docs, cfg.eval_distractors,
                                                    window)

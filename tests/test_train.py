@@ -25,9 +25,13 @@ from conftest import tiny_config, tiny_model
 from safetensors.torch import load_file
 
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
+from longllama.data import DocumentSource, PackedBatches, TokenStream
 from longllama.evaluation import distraction_prompt, positive_attention_mass
 from longllama.synthetic import FactsTask
-from longllama.train import RESUME_KEYS, TrainConfig, check_config, load_config, lr_lambda, main
+from longllama.train import (
+    RESUME_KEYS, TrainConfig, check_config, cross_batch_range_at, cross_batch_schedule, load_config, lr_lambda,
+    main,
+)
 
 WINDOW = 16
 TASK = FactsTask(window=WINDOW, windows=2, key_length=2, symbols=8, values=8)
@@ -397,12 +401,17 @@ def _bad_setup(ws, tmp_path, name):
         return argv + ["--model", str(tmp_path)], "not a model directory"
     if name == "steps":
         return ws.args(output, "--steps", 0), "--steps must be at least 1"
+    if name == "scheduled cross batch range":
+        return ws.args(output, "--steps", 2, "--cross-batch-schedule", "1:8"), "cross_batch_range=8 needs more rows"
+    if name == "cross batch schedule":
+        return ws.args(output, "--steps", 2, "--cross-batch-schedule", "1-3"), "expected STEP:D pairs"
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("name", [
     "empty data", "missing data", "data too small", "cross batch range", "pack size", "window", "no memory layers",
     "model and init-config", "neither model nor init-config", "mode", "no data", "not a model", "steps",
+    "scheduled cross batch range", "cross batch schedule",
 ])
 def test_bad_input_is_a_clear_error(ws, tmp_path, capsys, name):
     argv, message = _bad_setup(ws, tmp_path, name)
@@ -424,6 +433,54 @@ def test_empty_mem_layers_config():
     docs = [list(range(3, 19)), list(range(20, 36))]
     with pytest.raises(ValueError, match="no memory layers"):
         positive_attention_mass(model, docs, 1)
+
+
+def test_cross_batch_schedule_parsing():
+    cfg = TrainConfig(init_config=__file__, data=["x"], cross_batch_range=1, cross_batch_schedule="10:3, 20:7")
+    schedule = cross_batch_schedule(cfg)
+    assert schedule == [(10, 3), (20, 7)]
+    assert [cross_batch_range_at(cfg, schedule, s) for s in (0, 9, 10, 19, 20, 1000)] == [1, 1, 3, 3, 7, 7]
+    assert cross_batch_range_at(cfg, [], 50) == 1
+    for bad, message in (("10:3,10:7", "steps must increase"), ("5:-1", "at least 0"), ("x", "STEP:D"),
+                         ("1:2:3", "STEP:D")):
+        with pytest.raises(ValueError, match=message):
+            check_config(dataclasses.replace(cfg, cross_batch_schedule=bad))
+    with pytest.raises(ValueError, match="--mode fot"):
+        check_config(dataclasses.replace(cfg, mode="memory"))
+
+
+def test_packed_batches_new_cross_batch_range_keeps_the_data():
+    tokenizer = TASK.tokenizer()
+    rng = random.Random(0)
+    docs = [TASK.document(rng)["text"] for _ in range(20)]
+
+    def batches(d):
+        return PackedBatches(TokenStream(DocumentSource(documents=docs), tokenizer), 8, WINDOW, 2, d)
+
+    changed, fresh, plain = batches(1), batches(3), batches(1)
+    first = next(changed)
+    assert torch.equal(first["cross_batch_rows"], next(plain)["cross_batch_rows"])
+    changed.set_cross_batch_range(3)
+    second, reference = next(changed), next(plain)
+    next(fresh)
+    assert torch.equal(second["input_ids"], reference["input_ids"])  # same documents, same rows
+    assert torch.equal(second["cross_batch_rows"], next(fresh)["cross_batch_rows"])  # d = 3's rows
+    assert not torch.equal(second["cross_batch_rows"], reference["cross_batch_rows"])
+    with pytest.raises(ValueError, match="needs more rows"):
+        changed.set_cross_batch_range(8)
+
+
+def test_cross_batch_schedule_run(ws, tmp_path):
+    """d = 0 for two steps, then 3: the first two steps are those of a d = 0 run; the log records d."""
+    scheduled, plain = tmp_path / "scheduled", tmp_path / "plain"
+    code, _, err = run(ws.args(scheduled, "--steps", 4, "--log-every", 1, "--cross-batch-range", 0,
+                               "--cross-batch-schedule", "2:3"))
+    assert code == 0, err
+    code, _, err = run(ws.args(plain, "--steps", 2, "--log-every", 1, "--cross-batch-range", 0))
+    assert code == 0, err
+    log = read_log(scheduled)
+    assert [r["cross_batch_range"] for r in log] == [0, 0, 3, 3]
+    assert [r["loss"] for r in log[:2]] == pytest.approx([r["loss"] for r in read_log(plain)], abs=1e-6)
 
 
 def test_check_config_needs_no_files():
@@ -582,6 +639,25 @@ def test_positive_attention_mass_sharp_model_and_training_flag():
     assert masses[0] == pytest.approx(1.0, abs=1e-5)
     assert 1 > masses[1] > masses[2] > 0
     assert masses[2] < 0.5
+
+
+def test_positive_attention_mass_at_chosen_queries():
+    """`positions` averages over the chosen queries only: all of the last window's is the default, one query at a
+    time averages back to it (every document has the same number of valid queries), and positions outside the last
+    whole window are refused."""
+    model = tiny_model(seed=2).eval()
+    window = model.config.max_position_embeddings
+    docs = _documents(3, 2 * window + 3, seed=2)  # 3 trailing tokens: the last whole window is the second
+    last = list(range(window, 2 * window))
+    everything = positive_attention_mass(model, docs, 2)
+    assert positive_attention_mass(model, docs, 2, positions=[last] * 3) == pytest.approx(everything, abs=1e-6)
+    singles = [positive_attention_mass(model, docs, 2, positions=[[p]] * 3) for p in last]
+    for key in everything:
+        assert sum(m[key] for m in singles) / window == pytest.approx(everything[key], abs=1e-5)
+        assert max(m[key] for m in singles) > min(m[key] for m in singles)  # the choice of query matters
+    for bad in ([window - 1], [2 * window], []):
+        with pytest.raises(ValueError, match="last whole window"):
+            positive_attention_mass(model, docs, 2, positions=[bad] * 3)
 
 
 def test_distraction_prompt_and_errors():
