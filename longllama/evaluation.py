@@ -11,7 +11,8 @@ and the memory, as the model computes it) and measure:
 - `memory_positive`: the share of the attention *on memory* that falls on its own memory entries (with uniform
   attention over memory this is `own / (own + d)` windows: about 1/d).
 
-Both are averaged over the non-padding query tokens, heads, memory layers and documents.
+Both are averaged over the non-padding query tokens, heads, memory layers and documents; `memory_positive` leaves out
+the (query, head) pairs whose attention on memory underflows to exactly 0, for which it is undefined.
 """
 
 import torch
@@ -47,6 +48,7 @@ class _AttentionProbe:
         if not self.modules:
             raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
         self.own_memory_tokens = 0
+        self.query_mask: torch.Tensor | None = None  # [t] queries of the last window that count (None: all)
         self.results: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self):
@@ -87,9 +89,24 @@ class _AttentionProbe:
         own_mass = mem_probs[..., own:].sum(-1)
         mem_mass = mem_probs.sum(-1)
         positive = local_mass + own_mass  # [B, H, t]
-        memory_positive = own_mass / mem_mass.clamp_min(1e-30)
+        memory_positive = own_mass / mem_mass  # undefined (NaN) where no attention reaches memory at all
         valid = window.valid[:, None, :].expand_as(positive)
-        self.results.append((positive[valid].mean(), memory_positive[valid].mean()))
+        if self.query_mask is not None:
+            valid = valid & self.query_mask.to(valid.device)[None, None, :]
+        self.results.append((positive[valid].mean(), memory_positive[valid & (mem_mass > 0)].nanmean()))
+
+
+def _query_mask(positions: list[int], document: list[int], window: int) -> torch.Tensor:
+    """The queries of the document's last whole window (as `distraction_prompt` cuts it) at `positions`."""
+    start = (len(document) // window - 1) * window
+    if not positions or not all(start <= p < start + window for p in positions):
+        raise ValueError(
+            f"Query positions {positions} must be non-empty and lie in the document's last whole window "
+            f"[{start}, {start + window}): only its queries see the document's earlier windows in memory."
+        )
+    mask = torch.zeros(window, dtype=torch.bool)
+    mask[[p - start for p in positions]] = True
+    return mask
 
 
 def pick_distractors(documents: list[list[int]], index: int, count: int, window: int) -> list[list[int]]:
@@ -104,13 +121,15 @@ def pick_distractors(documents: list[list[int]], index: int, count: int, window:
 @torch.no_grad()
 def positive_attention_mass(
     model, documents: list[list[int]], num_distractors: int, window: int | None = None,
-    distractors: list[list[list[int]]] | None = None,
+    distractors: list[list[list[int]]] | None = None, positions: list[list[int]] | None = None,
 ):
     """The positive attention mass of `model` (a `LongLlamaForCausalLM`) with `num_distractors` unrelated windows in
     memory, averaged over `documents` (token id lists of at least two windows each).
 
     The distractors are windows of the *other* documents, taken round-robin (`pick_distractors`), or given
     explicitly: `distractors[i]` is the list of windows put in memory before `documents[i]`.
+    `positions[i]`, when given, restricts the average to the queries at those token positions of `documents[i]`
+    (0 = its first token; they must lie in its last whole window), e.g. the tokens that predict an answer.
     Returns `{"positive": float, "memory_positive": float}` (module docstring).
     """
     window = window or model.config.max_position_embeddings
@@ -126,18 +145,19 @@ def positive_attention_mass(
                 else:
                     before = distractors[index][:num_distractors]
                 prompt, probe.own_memory_tokens = distraction_prompt(document, before, window)
+                probe.query_mask = None if positions is None else _query_mask(positions[index], document, window)
                 probe.results.clear()
                 ids = torch.tensor([prompt], device=model.device)
                 model(ids, use_cache=True, last_context_length=window, logits_to_keep=1)
                 positives.append(torch.stack([r[0] for r in probe.results]).mean())
-                memory_positives.append(torch.stack([r[1] for r in probe.results]).mean())
+                memory_positives.append(torch.stack([r[1] for r in probe.results]).nanmean())
     finally:
         model.train(was_training)
         if bars:
             logging.enable_progress_bar()
     return {
         "positive": torch.stack(positives).mean().item(),
-        "memory_positive": torch.stack(memory_positives).mean().item(),
+        "memory_positive": torch.stack(memory_positives).nanmean().item(),
     }
 
 
