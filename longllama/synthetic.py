@@ -162,4 +162,70 @@ class FactsTask:
         return {"text": " ".join(words), "keys": [], "copy_answers": list(range(copy_start + 1, copy_start + length))}
 
 
-__all__ = ["FactsTask", "word_tokenizer"]
+FILLER_SENTENCES = [
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+]
+NOUNS = ["river", "stone", "cloud", "bird", "road", "tree", "house", "moon", "field", "door", "ship", "garden",
+         "window", "mountain", "lamp", "horse", "city", "book", "forest", "bridge"]
+ADJECTIVES = ["red", "old", "quiet", "tall", "warm", "dark", "small", "bright", "cold", "wide", "soft", "green",
+              "blue", "yellow", "slow", "long"]
+KEY_NAMES = ["pass", "door", "secret", "magic", "house", "river", "blue", "silver", "hidden", "night", "first", "red"]
+
+
+@dataclass
+class PasskeyTask:
+    """Passkey-style training documents (the benchmark's format, SPEC section 4) with varied filler and key names,
+    answered at the end, so that a model trained on them is not tuned to one prompt.
+
+    A document is the task line, filler, `keys` key lines (`The {name} key is N. Remember it. N is the {name} key.`,
+    distinct names, at random depths), filler, and the question about one of them followed by its answer
+    (`What is the {name} key? The {name} key is N.`), lines joined by newlines. With probability `spec_share` it is the
+    benchmark's exact format (one key, name `pass`, the standard filler); otherwise the filler is one of: the standard
+    cycle, its sentences shuffled, or random `The {noun} is {adjective}.` sentences mixed with them. Lengths are in
+    words (the tokenizer decides the tokens), uniformly in [`min_words`, `max_words`].
+    """
+
+    min_words: int = 100
+    max_words: int = 1500
+    max_keys: int = 3
+    spec_share: float = 0.4
+
+    def _filler(self, rng: random.Random, words: int, style: str) -> str:
+        sentences, count, i = [], 0, rng.randrange(len(FILLER_SENTENCES))
+        while count < words:
+            if style == "standard":
+                sentence = FILLER_SENTENCES[i % len(FILLER_SENTENCES)]
+                i += 1
+            elif style == "shuffled":
+                sentence = rng.choice(FILLER_SENTENCES)
+            else:
+                sentence = (f"The {rng.choice(NOUNS)} is {rng.choice(ADJECTIVES)}." if rng.random() < 0.6
+                            else rng.choice(FILLER_SENTENCES))
+            sentences.append(sentence)
+            count += len(sentence.split())
+        return " ".join(sentences)
+
+    def document(self, rng: random.Random) -> dict:
+        """`{"text": ..., "key": N, "name": ..., "answer_start": character offset of the answer in the text}`."""
+        from .passkey import KEY_RANGE, TASK
+
+        spec = rng.random() < self.spec_share
+        names = ["pass"] if spec else rng.sample(KEY_NAMES, rng.randint(1, self.max_keys))
+        style = "standard" if spec else rng.choice(["standard", "shuffled", "varied"])
+        keys = {name: rng.randrange(*KEY_RANGE) for name in names}
+        filler_words = max(0, rng.randint(self.min_words, self.max_words) - 30 - 12 * len(names))
+        cuts = sorted(rng.randint(0, filler_words) for _ in names)  # the key lines' depths, in filler words
+        lines, previous = [TASK], 0
+        for name, cut in zip(rng.sample(names, len(names)), cuts):
+            if cut > previous or not lines[1:]:
+                lines.append(self._filler(rng, cut - previous, style))
+            lines.append(f"The {name} key is {keys[name]}. Remember it. {keys[name]} is the {name} key.")
+            previous = cut
+        lines.append(self._filler(rng, filler_words - previous, style))
+        asked = rng.choice(names)
+        question = f"What is the {asked} key? The {asked} key is"
+        text = "\n".join(lines + [question]) + " "
+        return {"text": text + f"{keys[asked]}.", "key": keys[asked], "name": asked, "answer_start": len(text)}
+
+
+__all__ = ["FactsTask", "PasskeyTask", "word_tokenizer"]

@@ -21,7 +21,7 @@ from longllama.data import (
     TokenStream,
     resolve_data_files,
 )
-from longllama.synthetic import FactsTask, word_tokenizer
+from longllama.synthetic import FactsTask, PasskeyTask, word_tokenizer
 
 BOS, EOS, PAD = 1, 2, 3
 WORDS = 300
@@ -675,3 +675,35 @@ def test_facts_task_copy_documents_and_excluded_keys(windows):
     assert not {tuple(k) for k in first["keys"]} & {tuple(k) for k in other["keys"]}
     with pytest.raises(ValueError, match="No distinct key left"):
         FactsTask(window=64, windows=2, key_length=1, symbols=8).document(rng)
+
+
+# =========================================================================== PasskeyTask
+
+
+def test_passkey_task_documents():
+    """Benchmark-format documents (exactly the SPEC prompt plus the answer) and varied ones: distinct key names,
+    every key line well formed, the question about one of them answered at `answer_start`, lengths in range."""
+    from longllama.passkey import prompt_text
+
+    task = PasskeyTask(min_words=50, max_words=400)
+    rng = random.Random(0)
+    spec = styles = 0
+    for _ in range(200):
+        document = task.document(rng)
+        text, key, name = document["text"], document["key"], document["name"]
+        assert text[document["answer_start"] :] == f"{key}."
+        lines = text[: document["answer_start"]].rstrip(" ").split("\n")
+        assert lines[-1] == f"What is the {name} key? The {name} key is"
+        key_lines = [line for line in lines if " key is " in line and line.endswith(" key.")]
+        names = [line.split()[1] for line in key_lines]
+        assert len(names) == len(set(names)) and name in names
+        assert f"The {name} key is {key}. Remember it. {key} is the {name} key." in key_lines
+        assert 1 <= key < 50000
+        assert 50 - 30 <= len(text.split()) <= 400 + 20
+        if len(key_lines) == 1 and name == "pass":  # the benchmark's format when the filler is the standard cycle
+            before, after = lines[1], lines[3]
+            if prompt_text(key, before, after) + f" {key}." == text:
+                spec += 1
+        styles += any("The river is" in line or "The stone is" in line for line in lines)
+    assert spec > 40  # ~40% are exactly the benchmark's prompt
+    assert styles > 10  # some have varied filler sentences
