@@ -571,16 +571,25 @@ def _launch_env(tmp_path) -> dict:
                 TOKENIZERS_PARALLELISM="false")
 
 
-def test_ddp_two_cpu_processes(ws, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m longllama.train`: real DDP on 2 CPU processes (gloo; the
-    trainer asks accelerate for CPU when there is no GPU), no `accelerate config` file (HF_HOME is empty).
-    Note: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher)."""
+@pytest.mark.parametrize("launcher", ["multi_gpu", "cpu_mpirun"])
+def test_ddp_two_cpu_processes(ws, tmp_path, launcher):
+    """Real DDP on 2 CPU processes, no `accelerate config` file (HF_HOME is empty), launched with
+    `accelerate launch --multi_gpu --num_processes 2` (torchrun; the trainer asks accelerate for CPU when there is no
+    GPU) or `accelerate launch --cpu --num_processes 2 --mpirun_hostfile hosts` (MPI; without the hostfile
+    accelerate's `--cpu` launcher starts ONE process)."""
     output = tmp_path / "ddp"
     env = _launch_env(tmp_path)
     env.pop("ACCELERATE_USE_CPU", None)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(29500 + os.getpid() % 1000), "-m", "longllama.train",
+    if launcher == "multi_gpu":
+        flags = ["--multi_gpu", "--main_process_port", str(29500 + os.getpid() % 1000)]
+    else:
+        if shutil.which("mpirun") is None:
+            pytest.skip("needs mpirun: pip install mpich (in the test extra on Linux x86-64)")
+        hosts = tmp_path / "hosts"
+        hosts.write_text("localhost\n")
+        flags = ["--cpu", "--mpirun_hostfile", str(hosts)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "longllama.train",
                *ws.args(output, "--steps", 4, "--log-every", 2, "--batch-size", 4, "--save-every", 2)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
