@@ -1,15 +1,16 @@
 """Synthetic retrieval data for training and testing small LongLLaMA models from scratch (no downloads).
 
-`FactsTask` writes documents of key-value facts followed by questions about them. Every word is one token of the
-word-level tokenizer `word_tokenizer()` builds, so a document is exactly `windows * window` tokens with its
-`<s>`/`</s>` and its windows line up with the rows of a k-packed batch (`longllama.data`, pack_size = windows):
-the facts of the first windows are only reachable from the last window through memory.
+`FactsTask` writes documents of key-value facts and, later, questions about them, at random positions. Every word is
+one token of the word-level tokenizer `word_tokenizer()` builds, so a document is exactly `windows * window` tokens
+with its `<s>`/`</s>` and its windows line up with the rows of a k-packed batch (`longllama.data`, pack_size =
+windows): a question about a fact of an earlier window is only answerable through memory.
 
-    k0 k7 k3 v12 ; k5 k1 k9 v3 ; ...            facts (earlier windows; the last window has a few more)
-    ? k5 k1 k9 v3 ; ? ...                       questions (last window): the answer follows the key
+    . k0 v12 ; . . k5 v3 ; k9 v7 ; . ? k0 v12 ; ...     facts, filler, a question (`?` optional): the key again,
+                                                         then the value to recall
+    k3 v1 k9 k9 v4 . . ? k3 v1 k9 k9 v4 . .             a copy document: a random run, later repeated
 
 The value directly follows its key, so a 2-layer model can learn the lookup as an induction head (a previous-token
-head in layer 0, content matching in layer 1).
+head in layer 0, content matching in layer 1). `PasskeyTask` writes passkey-style text documents (SPEC section 4).
 """
 
 import random
