@@ -139,6 +139,23 @@ class DocumentSource:
         return item
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a checkpoint or tokenizer directory. A sentencepiece `tokenizer.model` is read with
+    `LongLlamaTokenizer` (sentencepiece's exact ids, as the published code used; transformers 5's converted
+    `LlamaTokenizer` differs on runs of spaces, and a saved `LongLlamaTokenizer` would otherwise need
+    `trust_remote_code`); anything else with `AutoTokenizer`."""
+    from transformers import AutoTokenizer
+
+    from .modeling import LongLlamaTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"Tokenizer directory {path} does not exist.")
+    if (path / "tokenizer.model").is_file():
+        return LongLlamaTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def encode_document(tokenizer, text: str) -> list[int]:
     """`<bos> text <eos>` as token ids: how every document is fed, so documents are separated by `<eos><bos>`."""
     return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from .modeling import LongLlamaTokenizer
+from .data import load_tokenizer
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -488,16 +488,6 @@ def resolve_model(args) -> Path:
             "written by longllama-convert or save_pretrained."
         )
     return path
-
-
-def load_tokenizer(path: Path):
-    """A sentencepiece tokenizer.model is read with `LongLlamaTokenizer` (sentencepiece's exact ids, as the
-    published evaluation used); anything else with `AutoTokenizer`."""
-    if not path.is_dir():
-        raise ValueError(f"Tokenizer directory {path} does not exist.")
-    if (path / "tokenizer.model").is_file():
-        return LongLlamaTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def check_args(args) -> None:

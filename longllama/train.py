@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream, encode_document
+from .data import (
+    IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream, encode_document, load_tokenizer,
+)
 from .evaluation import positive_attention_mass
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -388,7 +390,6 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
 
     from .modeling import LongLlamaForCausalLM
 
@@ -407,7 +408,7 @@ def train(cfg: TrainConfig) -> Path:
     ):
         accelerator.print("longllama-train: warning: FSDP and DeepSpeed need GPUs; without one this runs plain DDP.")
     resume_from = resolve_resume(cfg, accelerator.num_processes)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model or Path(cfg.init_config).parent)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model or Path(cfg.init_config).parent)
     batches = make_batches(cfg, tokenizer, window, accelerator.process_index, accelerator.num_processes,
                            config.pad_token_id or 0)
 
@@ -517,13 +518,11 @@ def train(cfg: TrainConfig) -> Path:
 
 def evaluate(cfg: TrainConfig) -> dict:
     """`--evaluate CHECKPOINT`: the positive attention mass on `--data` with `--eval-distractors` in memory."""
-    from transformers import AutoTokenizer
-
     from .modeling import LongLlamaForCausalLM
 
     check_config(cfg)
     config, window = load_model_config(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.evaluate)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.evaluate)
     documents = eval_documents(cfg, tokenizer, window)
     model = LongLlamaForCausalLM.from_pretrained(cfg.evaluate, dtype=torch.float32)
     return positive_attention_mass(model, documents, cfg.eval_distractors, window)

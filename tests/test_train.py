@@ -483,6 +483,38 @@ def test_cross_batch_schedule_run(ws, tmp_path):
     assert [r["loss"] for r in log[:2]] == pytest.approx([r["loss"] for r in read_log(plain)], abs=1e-6)
 
 
+def test_sentencepiece_tokenizer_directory(ws, tmp_path):
+    """A saved `LongLlamaTokenizer` (sentencepiece tokenizer.model) is read as such: no trust_remote_code prompt,
+    sentencepiece's own ids, and the final checkpoint carries it."""
+    import io
+
+    import sentencepiece as spm
+
+    from longllama.data import load_tokenizer
+    from longllama.modeling import LongLlamaTokenizer
+
+    rng = random.Random(0)
+    texts = [TASK.document(rng)["text"] for _ in range(200)]
+    writer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=writer, vocab_size=60, model_type="bpe", bos_id=1, eos_id=2,
+        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+    )
+    (tmp_path / "spm.model").write_bytes(writer.getvalue())
+    tokenizer = LongLlamaTokenizer(vocab_file=str(tmp_path / "spm.model"))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert type(loaded) is LongLlamaTokenizer and loaded(texts[0])["input_ids"] == tokenizer(texts[0])["input_ids"]
+    config = write_model_config(tmp_path / "config.json", tokenizer)
+    argv = ws.args(tmp_path / "out", "--steps", 2, "--tokenizer", tmp_path / "tok")
+    argv[argv.index(str(ws.config))] = str(config)
+    code, _, err = run(argv)
+    assert code == 0, err
+    assert (tmp_path / "out" / "model" / "tokenizer.model").is_file()
+    with pytest.raises(ValueError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+
+
 def test_check_config_needs_no_files():
     with pytest.raises(ValueError, match="--lr-schedule"):
         check_config(TrainConfig(init_config=__file__, data=["x"], lr_schedule="linear"))
