@@ -32,7 +32,9 @@ TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
 )
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                    "There and back again.")
+FILLER = " ".join(FILLER_SENTENCES)
 QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)  # keys are integers in [1, 50000)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -163,9 +163,6 @@ class FactsTask:
         return {"text": " ".join(words), "keys": [], "copy_answers": list(range(copy_start + 1, copy_start + length))}
 
 
-FILLER_SENTENCES = [
-    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
-]
 NOUNS = ["river", "stone", "cloud", "bird", "road", "tree", "house", "moon", "field", "door", "ship", "garden",
          "window", "mountain", "lamp", "horse", "city", "book", "forest", "bridge"]
 ADJECTIVES = ["red", "old", "quiet", "tall", "warm", "dark", "small", "bright", "cold", "wide", "soft", "green",
@@ -192,6 +189,8 @@ class PasskeyTask:
     spec_share: float = 0.4
 
     def _filler(self, rng: random.Random, words: int, style: str) -> str:
+        from .passkey import FILLER_SENTENCES
+
         sentences, count, i = [], 0, rng.randrange(len(FILLER_SENTENCES))
         while count < words:
             if style == "standard":
