@@ -1,17 +1,28 @@
 """LongLLaMA: the Focused Transformer (arXiv 2307.03170) on Hugging Face transformers.
 
 `import longllama` registers the `"longllama"` model type with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`,
-so LongLLaMA checkpoints (ours and the published ones) load with our classes.
+so LongLLaMA checkpoints (ours and the published ones) load with our classes, and `AutoTokenizer` knows
+`LongLlamaTokenizer`. `demo_checkpoint()` is the directory of the bundled demo model.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from .modeling import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel
+from .demo import demo_checkpoint
+from .modeling import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, LongLlamaTokenizer
 
 AutoConfig.register(LongLlamaConfig.model_type, LongLlamaConfig, exist_ok=True)
 AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
+AutoTokenizer.register(LongLlamaConfig, slow_tokenizer_class=LongLlamaTokenizer, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["LongLlamaCache", "LongLlamaConfig", "LongLlamaForCausalLM", "LongLlamaModel", "__version__"]
+__all__ = [
+    "LongLlamaCache",
+    "LongLlamaConfig",
+    "LongLlamaForCausalLM",
+    "LongLlamaModel",
+    "LongLlamaTokenizer",
+    "__version__",
+    "demo_checkpoint",
+]

@@ -18,7 +18,7 @@ the (query, head) pairs whose attention on memory underflows to exactly 0, for w
 import torch
 from transformers.utils import logging
 
-from .modeling.modeling_longllama import LongLlamaAttention, apply_rotary_pos_emb
+from .modeling.modeling_longllama import LongLlamaAttention
 
 
 def distraction_prompt(document: list[int], distractors: list[list[int]], window: int) -> tuple[list[int], int]:
@@ -61,28 +61,11 @@ class _AttentionProbe:
 
     @torch.no_grad()
     def _hook(self, module, args, kwargs):
-        window, cache = kwargs.get("window"), kwargs.get("cache")
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        if window is None or cache is None or not window.stores_local:
-            return  # a window on its way to memory: not the query window
-        memory = cache.layers[module.layer_idx].memory()
-        if memory is None:
+        probs = _query_window_attention(module, args, kwargs)
+        if probs is None:
             return
-        B, t, _ = hidden_states.shape
-        q = module.q_proj(hidden_states).view(B, t, -1, module.head_dim).transpose(1, 2).float()  # [B, H, t, D]
-        k = module.k_proj(hidden_states).view(B, t, -1, module.head_dim).transpose(1, 2).float()  # [B, Hkv, t, D]
-        if module.use_rotary:
-            cos, sin = kwargs["position_embeddings"]
-            q, k = apply_rotary_pos_emb(q, k, cos.float(), sin.float())
-        mem_keys, _, mem_valid = memory  # [B, Hkv, M, D], [B, M]
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        mem_keys = mem_keys.float().repeat_interleave(groups, dim=1)
-        local = (q @ k.transpose(2, 3)) * module.scaling  # [B, H, t, t]
-        local = local.masked_fill(~window.visible, float("-inf"))
-        mem = (q @ mem_keys.transpose(2, 3)) * module.scaling  # [B, H, t, M]
-        mem = mem.masked_fill(~mem_valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(torch.cat([local, mem], dim=-1), dim=-1)
+        window = kwargs["window"]
+        t = window.valid.shape[1]
         local_mass = probs[..., :t].sum(-1)
         mem_probs = probs[..., t:]
         own = mem_probs.shape[-1] - self.own_memory_tokens
@@ -94,6 +77,30 @@ class _AttentionProbe:
         if self.query_mask is not None:
             valid = valid & self.query_mask.to(valid.device)[None, None, :]
         self.results.append((positive[valid].mean(), memory_positive[valid & (mem_mass > 0)].nanmean()))
+
+
+def _query_window_attention(module, args, kwargs) -> torch.Tensor | None:
+    """In a forward pre-hook of a `LongLlamaAttention`: the attention distribution `[B, H, t, t + M]` (local context
+    of the window first, then memory) of a window that joins the local context and has memory to read, as the model
+    computes it (one softmax); None for other windows. Assumes the window is its whole local context."""
+    window, cache = kwargs.get("window"), kwargs.get("cache")
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    if window is None or cache is None or not window.stores_local:
+        return None  # a window on its way to memory: not a query window
+    memory = cache.layers[module.layer_idx].memory()
+    if memory is None:
+        return None
+    q, k, _, _ = module._project(hidden_states, kwargs["position_embeddings"])
+    q, k = q.float(), k.float()  # [B, H, t, D], [B, Hkv, t, D]
+    mem_keys, _, mem_valid = memory  # [B, Hkv, M, D], [B, M]
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    mem_keys = mem_keys.float().repeat_interleave(groups, dim=1)
+    local = (q @ k.transpose(2, 3)) * module.scaling  # [B, H, t, t]
+    local = local.masked_fill(~window.visible, float("-inf"))
+    mem = (q @ mem_keys.transpose(2, 3)) * module.scaling  # [B, H, t, M]
+    mem = mem.masked_fill(~mem_valid[:, None, None, :], float("-inf"))
+    return torch.softmax(torch.cat([local, mem], dim=-1), dim=-1)
 
 
 def _query_mask(positions: list[int], document: list[int], window: int) -> torch.Tensor:
@@ -161,4 +168,49 @@ def positive_attention_mass(
     }
 
 
-__all__ = ["distraction_prompt", "pick_distractors", "positive_attention_mass"]
+@torch.no_grad()
+def span_attention_mass(model, input_ids: list[int], span: tuple[int, int], last_context_length: int | None = None
+                        ) -> float:
+    """The share of memory-layer attention that the last token of `input_ids` (one prompt, read as `generate()` reads
+    it: the last `last_context_length` tokens, default the config's, form the final window) puts on its tokens
+    `span[0]:span[1]`, averaged over memory layers and heads.
+
+    For a passkey prompt with `span` the key line, this is the positive attention mass of the query that asks for the
+    key: the key line sits among up to hundreds of windows of filler in memory (or in the final window, when it is
+    that late)."""
+    final = last_context_length or model.config.last_context_length
+    if not 0 <= span[0] < span[1] <= len(input_ids):
+        raise ValueError(f"span {span} is not a non-empty range of the prompt's {len(input_ids)} tokens.")
+    if len(input_ids) <= final:
+        raise ValueError(f"A prompt of {len(input_ids)} tokens fits its final window of {final}: there is no memory.")
+    modules = [m for m in model.modules() if isinstance(m, LongLlamaAttention)]
+    if not modules:
+        raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
+    masses = []
+
+    def hook(module, args, kwargs):
+        probs = _query_window_attention(module, args, kwargs)
+        if probs is not None:
+            last = probs[0, :, -1]  # [H, final + M]: the final window's tokens, then memory = tokens 0..M-1 in order
+            by_token = torch.cat([last[:, final:], last[:, :final]], dim=-1)  # [H, prompt tokens]
+            masses.append(by_token[:, span[0] : span[1]].sum(-1).mean())
+
+    was_training, bars = model.training, logging.is_progress_bar_enabled()
+    model.eval()
+    logging.disable_progress_bar()
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        model(torch.tensor([input_ids], device=model.device), use_cache=True, last_context_length=final,
+              logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        if bars:
+            logging.enable_progress_bar()
+    if len(masses) != len(modules):
+        raise RuntimeError(f"measured {len(masses)} of {len(modules)} memory layers")
+    return torch.stack(masses).mean().item()
+
+
+__all__ = ["distraction_prompt", "pick_distractors", "positive_attention_mass", "span_attention_mass"]

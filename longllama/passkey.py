@@ -476,14 +476,14 @@ def resolve_model(args) -> Path:
     if args.demo == (args.model is not None):
         raise ValueError("Pass a checkpoint directory as MODEL, or --demo for the bundled demo model (not both).")
     if args.demo:
+        from .demo import demo_checkpoint
+
         try:
-            from longllama import demo_checkpoint
-        except ImportError:
-            raise ValueError(
-                "--demo: the demo model is not bundled in this version of longllama (there is no "
-                "longllama.demo_checkpoint()). Pass a LongLLaMA checkpoint directory as MODEL instead."
-            ) from None
-    path = Path(demo_checkpoint() if args.demo else args.model)
+            path = Path(demo_checkpoint())
+        except FileNotFoundError as error:
+            raise ValueError(f"--demo: {error}") from None
+    else:
+        path = Path(args.model)
     if not (path / "config.json").is_file():
         raise ValueError(
             f"{path} is not a model checkpoint: expected a directory with config.json (and the weights), e.g. one "

@@ -187,6 +187,7 @@ class PasskeyTask:
     max_words: int = 1500
     max_keys: int = 3
     spec_share: float = 0.4
+    names: tuple = tuple(KEY_NAMES)
 
     def _filler(self, rng: random.Random, words: int, style: str) -> str:
         from .passkey import FILLER_SENTENCES
@@ -210,7 +211,7 @@ class PasskeyTask:
         from .passkey import KEY_RANGE, TASK
 
         spec = rng.random() < self.spec_share
-        names = ["pass"] if spec else rng.sample(KEY_NAMES, rng.randint(1, self.max_keys))
+        names = ["pass"] if spec else rng.sample(self.names, rng.randint(1, self.max_keys))
         style = "standard" if spec else rng.choice(["standard", "shuffled", "varied"])
         keys = {name: rng.randrange(*KEY_RANGE) for name in names}
         filler_words = max(0, rng.randint(self.min_words, self.max_words) - 30 - 12 * len(names))
@@ -228,4 +229,37 @@ class PasskeyTask:
         return {"text": text + f"{keys[asked]}.", "key": keys[asked], "name": asked, "answer_start": len(text)}
 
 
-__all__ = ["FactsTask", "PasskeyTask", "word_tokenizer"]
+@dataclass
+class CopyTask:
+    """Copy documents in words (a retrieval task besides passkeys, and the warm-up that grows induction heads): a list
+    of random numbers and words, filler, then `Repeat the list:` and the list again, so that every item after the
+    first is predictable only by looking the list up. Items are numbers (1 to 5 digits) or nouns and adjectives,
+    half and half. Lengths are in items and filler words, uniformly in the given ranges; the filler (the passkey
+    filler sentences) may put the copy windows away from the list.
+    """
+
+    min_items: int = 4
+    max_items: int = 40
+    min_gap_words: int = 0
+    max_gap_words: int = 200
+
+    def _item(self, rng: random.Random) -> str:
+        kind = rng.random()
+        if kind < 0.5:
+            return str(rng.randrange(1, 10 ** rng.randint(1, 5)))
+        return rng.choice(NOUNS if kind < 0.75 else ADJECTIVES)
+
+    def document(self, rng: random.Random) -> dict:
+        """`{"text": ..., "items": [...], "copy_start": character offset of the repeated list in the text}`."""
+        from .passkey import FILLER_SENTENCES
+
+        items = [self._item(rng) for _ in range(rng.randint(self.min_items, self.max_items))]
+        gap, sentences = rng.randint(self.min_gap_words, self.max_gap_words), []
+        while sum(len(s.split()) for s in sentences) < gap:
+            sentences.append(rng.choice(FILLER_SENTENCES))
+        listed = " ".join(items)
+        head = f"Here is a list: {listed}.\n" + (" ".join(sentences) + "\n" if sentences else "") + "Repeat the list: "
+        return {"text": head + listed + ".", "items": items, "copy_start": len(head)}
+
+
+__all__ = ["CopyTask", "FactsTask", "PasskeyTask", "word_tokenizer"]

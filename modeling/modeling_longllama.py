@@ -146,16 +146,34 @@ class LongLlamaAttention(LlamaAttention):
         self.attention_function = MEMORY_ATTENTION_FUNCTIONS[config.mem_attention_implementation]
 
     # diff vs Llama: memory read/write around the kernel; the mask is boolean (`window.visible`)
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, window=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, t, D]
+    def _project(self, hidden_states, position_embeddings, queries: bool = True):
+        """`(queries or None, keys, values, raw keys)`: `[B, H or Hkv, t, D]`, rotated where this layer rotates; the
+        raw keys are the unrotated ones memory stores."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, t, D]
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        raw_key_states = key_states  # what memory stores
+        raw_key_states = key_states
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2) if queries else None
         if self.use_rotary:
             cos, sin = position_embeddings
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if queries:
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            else:
+                key_states = apply_rotary_pos_emb(key_states, key_states, cos, sin)[1]
+        return query_states, key_states, value_states, raw_key_states
+
+    def write(self, hidden_states, position_embeddings, cache, window) -> None:
+        """Only store this window's keys and values (local context or memory), without attending: what a window
+        needs from the top memory layer when no layer above it runs (exact; SPEC 5)."""
+        _, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings, queries=False)
+        if window.stores_local:
+            cache.update(key_states, value_states, self.layer_idx, raw_keys=raw_key_states)
+        else:
+            cache.layers[self.layer_idx].add_to_memory(raw_key_states, value_states, window.valid)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, window=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query_states, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings)
 
         if cache is None:
             if not window.self_contained:
@@ -201,6 +219,11 @@ class LongLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: LongLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.self_attn = LongLlamaAttention(config, layer_idx)  # diff vs Llama: memory attention
+
+    def write(self, hidden_states, position_embeddings, cache, window) -> None:
+        """Store the window's keys and values for later windows, skipping attention and MLP (their output is unused
+        when no layer above runs)."""
+        self.self_attn.write(self.input_layernorm(hidden_states), position_embeddings, cache, window)
 
 
 class LongLlamaPreTrainedModel(PreTrainedModel):
@@ -359,8 +382,12 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
 
         states = [hidden_states]
-        for layer in self.layers[: window.depth]:
+        for idx, layer in enumerate(self.layers[: window.depth]):
             is_memory_layer = isinstance(layer, LongLlamaDecoderLayer)
+            if session is not None and not all_states and idx == window.depth - 1 < len(self.layers) - 1:
+                # the top memory layer of a window whose output nobody reads: only its keys and values are needed
+                layer.write(hidden_states, position_embeddings, session, inputs)
+                break
             hidden_states = layer(
                 hidden_states,
                 attention_mask=bias,

@@ -21,7 +21,7 @@ from longllama.data import (
     TokenStream,
     resolve_data_files,
 )
-from longllama.synthetic import FactsTask, PasskeyTask, word_tokenizer
+from longllama.synthetic import CopyTask, FactsTask, PasskeyTask, word_tokenizer
 
 BOS, EOS, PAD = 1, 2, 3
 WORDS = 300
@@ -707,3 +707,38 @@ def test_passkey_task_documents():
         styles += any("The river is" in line or "The stone is" in line for line in lines)
     assert spec > 40  # ~40% are exactly the benchmark's prompt
     assert styles > 10  # some have varied filler sentences
+
+
+def test_passkey_task_takes_its_key_names_from_names():
+    task = PasskeyTask(min_words=50, max_words=100, spec_share=0.0, names=("alpha", "beta", "gamma", "delta"))
+    rng = random.Random(1)
+    used = set()
+    for _ in range(100):
+        lines = task.document(rng)["text"].split("\n")
+        used.update(line.split()[1] for line in lines if line.startswith("The ") and " key is " in line)
+    assert used == {"alpha", "beta", "gamma", "delta"}
+
+
+# =========================================================================== CopyTask
+
+
+def test_copy_task_repeats_the_list_after_filler():
+    from longllama.passkey import FILLER_SENTENCES
+
+    task = CopyTask(min_items=3, max_items=12, min_gap_words=5, max_gap_words=40)
+    rng = random.Random(2)
+    numbers = total = 0
+    for _ in range(200):
+        document = task.document(rng)
+        text, items = document["text"], document["items"]
+        listed = " ".join(items)
+        assert 3 <= len(items) <= 12
+        assert text.startswith(f"Here is a list: {listed}.\n")
+        assert text[document["copy_start"] :] == f"{listed}."
+        assert text[: document["copy_start"]].endswith("\nRepeat the list: ")
+        filler = text.split("\n")[1]
+        assert 5 <= len(filler.split()) <= 40 + 5
+        assert all(sentence + "." in FILLER_SENTENCES for sentence in filler.rstrip(".").split(". "))
+        numbers += sum(item.isdigit() for item in items)
+        total += len(items)
+    assert 0.4 < numbers / total < 0.6  # half numbers (1 to 5 digits), half words

@@ -369,21 +369,27 @@ def test_logits_to_keep_with_output_hidden_states_is_still_a_slice():
 
 @pytest.mark.parametrize("to_keep,upper_calls", [(1, 1), (0, PROMPT // W + 1)], ids=["keep1", "keep_all"])
 def test_layers_above_top_memory_layer_are_skipped(to_keep, upper_calls):
-    """SPEC 5: with only the last logits requested, non-final windows stop after the top memory layer (layer 1);
-    the layers below still run once per window (6 windows)."""
+    """SPEC 5: with only the last logits requested, non-final windows stop at the top memory layer (layer 1), which
+    only writes their keys and values (no attention, no MLP); the layers below still run once per window (6 windows).
+    The logits are unchanged (test_logits_to_keep_is_a_slice_of_full_logits)."""
     model = make_model()
     calls = {i: 0 for i in range(4)}
     hooks = [
         layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         for i, layer in enumerate(model.model.layers)
     ]
+    top = model.model.layers[1]
+    writes = []
+    top.write = lambda *args, write=top.write: (writes.append(1), write(*args))[1]
     try:
         logits_of(model, random_ids(1, PROMPT, seed=8), logits_to_keep=to_keep)
     finally:
         for hook in hooks:
             hook.remove()
+        del top.write
     windows = PROMPT // W + 1
-    assert calls == {0: windows, 1: windows, 2: upper_calls, 3: upper_calls}
+    assert calls == {0: windows, 1: upper_calls, 2: upper_calls, 3: upper_calls}
+    assert len(writes) == windows - upper_calls
 
 
 # --------------------------------------------------------------------------- 6. labels

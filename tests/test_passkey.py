@@ -336,8 +336,9 @@ def test_cli_errors_before_compute(checkpoint, tmp_path, capsys, monkeypatch, no
     assert "[50]" in err and re.search(r"at least \d+", err)
     assert int(re.search(r"at least (\d+)", err).group(1)) <= minimum
     assert "MODEL" in run_error([], capsys) and "not both" in run_error([str(checkpoint), "--demo"], capsys)
-    monkeypatch.delattr(longllama, "demo_checkpoint", raising=False)
-    assert "demo model is not bundled" in run_error(["--demo"], capsys)
+    monkeypatch.setattr(longllama.demo, "DEMO_DIR", tmp_path / "no_demo")  # an incomplete installation
+    err = run_error(["--demo"], capsys)
+    assert "--demo" in err and "lacks config.json" in err and "Reinstall" in err
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text('{"model_type": "llama"}')

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
 from longllama.data import DocumentSource, PackedBatches, TokenStream
-from longllama.evaluation import distraction_prompt, positive_attention_mass
+from longllama.evaluation import distraction_prompt, positive_attention_mass, span_attention_mass
 from longllama.synthetic import FactsTask
 from longllama.train import (
     RESUME_KEYS, TrainConfig, check_config, cross_batch_range_at, cross_batch_schedule, load_config, lr_lambda,
@@ -433,6 +433,30 @@ def test_empty_mem_layers_config():
     docs = [list(range(3, 19)), list(range(20, 36))]
     with pytest.raises(ValueError, match="no memory layers"):
         positive_attention_mass(model, docs, 1)
+
+
+
+def test_span_attention_mass_is_the_share_of_the_last_query():
+    """With zero key projections every score is 0, so the last query's attention is uniform over the whole prompt
+    (memory and final window): the mass of a span is its share of the tokens. With trained-like random weights the
+    masses of a partition of the prompt add up to 1 (memory first, then the final window)."""
+    window, tokens = 8, 37
+    ids = list(range(3, 3 + tokens))
+    model = tiny_model(seed=4, max_position_embeddings=window, mem_layers=[1, 2])  # last_context_length 4
+    for final in (4, window):
+        spans = ((0, 10), (10, tokens - final), (tokens - final, tokens))
+        masses = [span_attention_mass(model, ids, span, last_context_length=final) for span in spans]
+        assert abs(sum(masses) - 1) < 1e-5 and all(0 < m < 1 for m in masses)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.zero_()
+    for span in ((0, 1), (5, 20), (30, 37), (0, 37)):
+        assert abs(span_attention_mass(model, ids, span) - (span[1] - span[0]) / tokens) < 1e-6
+    for bad, message in (((5, 5), "non-empty"), ((0, 38), "non-empty"), ((-1, 3), "non-empty")):
+        with pytest.raises(ValueError, match=message):
+            span_attention_mass(model, ids, bad)
+    with pytest.raises(ValueError, match="no memory"):
+        span_attention_mass(model, ids[:4], (0, 2))
 
 
 def test_cross_batch_schedule_parsing():

@@ -1,0 +1,612 @@
+"""LongLLaMA: a Llama decoder whose memory layers attend to their local window plus an external memory.
+
+Implements the inference of the Focused Transformer (Tworkowski et al., "Focused Transformer: Contrastive Training
+for Context Scaling", arXiv 2307.03170) on top of `transformers.models.llama` (5.x): non-memory layers are the stock
+`LlamaDecoderLayer`; memory layers replace only the attention. A long input is processed window by window
+(`plan_windows`); the memory travels inside a `LongLlamaCache` (`cache` / `past_key_values`).
+
+This folder is copied into every checkpoint directory, so it imports only torch, transformers and its own files.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationConfig, GenerationMixin, MaxLengthCriteria
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value
+from .configuration_longllama import LongLlamaConfig
+from .memory_longllama import LongLlamaCache, cache_fingerprint
+
+# Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
+PROGRESS_WINDOWS = 16
+
+
+@dataclass
+class Window:
+    """One step of the window schedule of a forward call: tokens `[start, end)` of the call."""
+
+    start: int
+    end: int
+    stores_local: bool  # joins the local context (the final window, or any window of a continuing session)
+    flush: bool  # the whole local context leaves before this window (to memory in memory layers)
+    depth: int = 0  # decoder layers to run
+    keep: bool = False  # some of its hidden states are returned
+
+
+@dataclass
+class WindowInputs:
+    """What the memory layers need about the window being processed (shared by all layers)."""
+
+    stores_local: bool
+    visible: torch.Tensor  # [B, 1, t, n] bool: causal mask and padding of the local context
+    valid: torch.Tensor  # [B, t] bool: the window's tokens that are not padding
+    is_causal: bool = False  # `visible` is exactly the causal mask of a window that is its whole local context
+    self_contained: bool = False  # the whole input is this one window and nothing is remembered: no cache needed
+    cross_batch_rows: torch.Tensor | None = None  # [B, R] crossbatch training: rows whose keys each row also sees
+
+
+def cross_batch_memory(key_states, value_states, valid, rows):
+    """The crossbatch memory of every row: the unrotated keys and values of the rows it may see (FoT training).
+
+    key_states, value_states `[B, Hkv, t, D]` (keys unrotated, i.e. as if at position 0), valid `[B, t]` bool,
+    rows `[B, R]` long: row b sees all tokens of rows `rows[b]`, `-1` for none (see `longllama.crossbatch`).
+    Returns `(mem_keys [B, Hkv, R*t, D], mem_values, mem_valid [B, R*t])`, or None if R == 0. Gradients flow into
+    the other rows' keys and values.
+    """
+    B, Hkv, t, D = key_states.shape
+    R = rows.shape[1]
+    if R == 0:
+        return None
+    index = rows.long().clamp(min=0)
+    mem_keys = key_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)  # [B, R, Hkv, t, D] -> ...
+    mem_values = value_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)
+    mem_valid = (valid[index] & (rows >= 0)[:, :, None]).reshape(B, R * t)
+    return mem_keys, mem_values, mem_valid
+
+
+def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):
+    """Cut `num_tokens` new tokens into windows (SPEC 2.1, 2.7, 2.8).
+
+    The last `last_context_length` tokens form the final window; the tokens before are cut into windows of `window`
+    from the start. In a fresh session the non-final windows stand alone and only write memory; in a continuing
+    session every window joins the local context, which is flushed whole when it would exceed `window`.
+    """
+    prefix = max(num_tokens - last_context_length, 0)
+    bounds = [(start, min(start + window, prefix)) for start in range(0, prefix, window)]
+    bounds.append((prefix, num_tokens))
+    plan = []
+    for start, end in bounds:
+        stores_local = end == num_tokens or not fresh
+        flush = stores_local and local_length > 0 and local_length + end - start > window
+        if stores_local:
+            local_length = end - start if flush else local_length + end - start
+        plan.append(Window(start, end, stores_local, flush))
+    return plan
+
+
+def assign_depths(plan: list[Window], requested: torch.Tensor, num_layers: int, memory_depth: int) -> None:
+    """Decide which windows run every layer; the rest stop after the top memory layer (exact, SPEC 5).
+
+    A window runs all layers if some of its hidden states are requested, if it is the final window (it fills the
+    local cache of every layer), or if a later fully-run window shares its local context (no flush in between).
+    """
+    is_requested = torch.zeros(plan[-1].end, dtype=torch.bool)
+    is_requested[requested] = True
+    needed_later = False
+    for w in reversed(plan):
+        w.keep = bool(is_requested[w.start : w.end].any())
+        full = w.keep or w is plan[-1] or (w.stores_local and needed_later)
+        w.depth = num_layers if full else memory_depth
+        needed_later = w.stores_local and full and not w.flush
+
+
+def first_position(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[B]` position id of the first non-padding token of each row (the row minimum if all is padding).
+
+    Rotary positions count from there, so a left-padded row computes what the row alone computes. For unpadded
+    input this is the published rule (positions relative to the minimum of the local context)."""
+    first = position_ids.gather(1, valid.int().argmax(dim=1, keepdim=True)).squeeze(1)
+    return torch.where(valid.any(dim=1), first, position_ids.min(dim=1).values)
+
+
+def requested_positions(num_tokens: int, to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Positions whose hidden states are returned: `0` all, an int `k` the last k, a 1-D tensor those indices."""
+    if isinstance(to_keep, int):
+        return torch.arange(0 if to_keep == 0 else max(num_tokens - to_keep, 0), num_tokens)
+    if to_keep.dim() != 1:
+        raise ValueError("logits_to_keep must be an int or a 1-D tensor of positions for LongLLaMA.")
+    return to_keep.detach().long().cpu() % num_tokens
+
+
+class LongLlamaAttention(LlamaAttention):
+    """Attention of a memory layer: one softmax over the local context and the layer's memory.
+
+    Queries `[B, H, t, D]` are rotated by their position in the local context; local keys are rotated the same way;
+    memory keys are stored unrotated (rotation "as if at position 0" is the identity). With `mem_positionals=False`
+    nothing is rotated in this layer. The kernel is chosen by `config.mem_attention_implementation`.
+    """
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.use_rotary = config.mem_positionals
+        self.grouping = config.mem_attention_grouping
+        self.attention_function = MEMORY_ATTENTION_FUNCTIONS[config.mem_attention_implementation]
+
+    # diff vs Llama: memory read/write around the kernel; the mask is boolean (`window.visible`)
+    def _project(self, hidden_states, position_embeddings, queries: bool = True):
+        """`(queries or None, keys, values, raw keys)`: `[B, H or Hkv, t, D]`, rotated where this layer rotates; the
+        raw keys are the unrotated ones memory stores."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, Hkv, t, D]
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        raw_key_states = key_states
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2) if queries else None
+        if self.use_rotary:
+            cos, sin = position_embeddings
+            if queries:
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            else:
+                key_states = apply_rotary_pos_emb(key_states, key_states, cos, sin)[1]
+        return query_states, key_states, value_states, raw_key_states
+
+    def write(self, hidden_states, position_embeddings, cache, window) -> None:
+        """Only store this window's keys and values (local context or memory), without attending: what a window
+        needs from the top memory layer when no layer above it runs (exact; SPEC 5)."""
+        _, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings, queries=False)
+        if window.stores_local:
+            cache.update(key_states, value_states, self.layer_idx, raw_keys=raw_key_states)
+        else:
+            cache.layers[self.layer_idx].add_to_memory(raw_key_states, value_states, window.valid)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, window=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        query_states, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings)
+
+        if cache is None:
+            if not window.self_contained:
+                raise ValueError(
+                    "This input spans several windows, so memory layers need the session cache, which gradient "
+                    "checkpointing removes. To train through memory with gradient checkpointing, put the windows "
+                    "in batch rows and pass cross_batch_rows (longllama.crossbatch, longllama-train's memory "
+                    "fine-tuning mode); or disable it (model.gradient_checkpointing_disable())."
+                )
+            # a single window and no session (training): the only memory is the crossbatch one
+            memory = None
+            if window.cross_batch_rows is not None:
+                memory = cross_batch_memory(raw_key_states, value_states, window.valid, window.cross_batch_rows)
+        else:
+            layer_cache = cache.layers[self.layer_idx]
+            if window.stores_local:
+                key_states, value_states = cache.update(
+                    key_states, value_states, self.layer_idx, raw_keys=raw_key_states
+                )
+            memory = layer_cache.memory()
+        attn_output, attn_weights = self.attention_function(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            window.visible,
+            memory=memory,
+            scaling=self.scaling,
+            grouping=self.grouping,
+            is_causal=window.is_causal,
+        )
+        if cache is not None and not window.stores_local:
+            # a stand-alone window of a long prompt goes to memory after its own attention (it never sees itself)
+            layer_cache.add_to_memory(raw_key_states, value_states, window.valid)
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class LongLlamaDecoderLayer(LlamaDecoderLayer):
+    """A memory layer: `LlamaDecoderLayer` with `LongLlamaAttention`; no extra parameters."""
+
+    def __init__(self, config: LongLlamaConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = LongLlamaAttention(config, layer_idx)  # diff vs Llama: memory attention
+
+    def write(self, hidden_states, position_embeddings, cache, window) -> None:
+        """Store the window's keys and values for later windows, skipping attention and MLP (their output is unused
+        when no layer above runs)."""
+        self.self_attn.write(self.input_layernorm(hidden_states), position_embeddings, cache, window)
+
+
+class LongLlamaPreTrainedModel(PreTrainedModel):
+    config: LongLlamaConfig
+    config_class = LongLlamaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "LongLlamaDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
+    _supports_sdpa = True
+    # published checkpoints store the rotary buffers of every layer; they are recomputed from the config
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+
+class LongLlamaModel(LongLlamaPreTrainedModel):
+    """The LongLLaMA decoder (no head). Returns `BaseModelOutputWithPast` whose `cache` is the session's
+    `LongLlamaCache`. `last_hidden_state` is `[B, T, hidden]`, or only the positions named by
+    `hidden_states_to_keep` (the windows that nothing requested may skip the layers above the top memory layer).
+    """
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        config.validate_longllama()
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        mem_layers = set(config.mem_layers)
+        self.layers = nn.ModuleList(
+            [
+                LongLlamaDecoderLayer(config, idx) if idx in mem_layers else LlamaDecoderLayer(config, idx)
+                for idx in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.mem_layers = sorted(mem_layers)
+        self.memory_depth = self.mem_layers[-1] + 1 if self.mem_layers else 0
+        self.window_size = config.max_position_embeddings
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        last_context_length: int | None = None,
+        hidden_states_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        cross_batch_rows: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        last_context_length (`int`, *optional*):
+            Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
+        hidden_states_to_keep (`int` or 1-D `torch.Tensor`, defaults to 0):
+            `0` returns every position; `k` the last k; a tensor the listed positions.
+        cross_batch_rows (`torch.LongTensor` of shape `[B, R]`, *optional*):
+            FoT crossbatch training (`longllama.crossbatch` builds it): every row is one local window, and the memory
+            layers of row b also attend to all tokens of rows `cross_batch_rows[b]` (earlier rows only, `-1` for
+            none), their keys unrotated, in the same softmax, with gradients. No cache is used or returned.
+        """
+        # inputs
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if output_attentions:
+            raise ValueError(
+                "output_attentions is not supported by LongLLaMA: attention spans windows and memory. "
+                "Call the kernels in attention_longllama.py directly to inspect attention."
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = output_hidden_states or self.config.output_hidden_states
+        last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
+        if last_context_length < 1:
+            raise ValueError(f"last_context_length={last_context_length} must be a positive number of tokens.")
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        batch_size, num_tokens = inputs.shape[:2]
+        if num_tokens == 0:
+            raise ValueError("The input has no tokens.")
+        if cross_batch_rows is not None:
+            self._check_cross_batch_rows(cross_batch_rows, cache, batch_size, num_tokens)
+            use_cache, last_context_length = False, num_tokens  # each row is one window; nothing is remembered
+        session = self._session(cache, batch_size, use_cache)
+        valid = self._token_validity(attention_mask, session, batch_size, num_tokens, inputs.device)
+        position_ids = self._position_ids(position_ids, session, batch_size, num_tokens, inputs.device)
+
+        # schedule
+        plan = plan_windows(
+            num_tokens, self.window_size, last_context_length, session.local_length, fresh=session.seen_tokens == 0
+        )
+        # one window and nothing to remember (training): layers run without a cache, so checkpointing works
+        self_contained = len(plan) == 1 and session.seen_tokens == 0 and not use_cache
+        requested = requested_positions(num_tokens, hidden_states_to_keep)
+        needed = torch.arange(num_tokens) if output_hidden_states else requested  # all layers' states need all windows
+        assign_depths(plan, needed, len(self.layers), self.memory_depth)
+
+        # windows (a progress bar for long inputs; an interrupted call marks the session unusable, not half-valid)
+        kept, layer_states = [], []
+        quiet = len(plan) < PROGRESS_WINDOWS or self.training
+        progress = logging.tqdm(plan, desc="LongLLaMA windows", unit="window", disable=quiet)
+        try:
+            for w in progress:
+                # embedded window by window: a 100k-token prompt never holds all its embeddings at once
+                window_states = self.embed_tokens(input_ids[:, w.start : w.end]) if inputs_embeds is None else None
+                if window_states is None:
+                    window_states = inputs_embeds[:, w.start : w.end]
+                states = self._process_window(
+                    window_states, valid, position_ids, w, None if self_contained else session,
+                    output_hidden_states, cross_batch_rows,
+                )
+                if w.keep:
+                    kept.append(states[-1])
+                if output_hidden_states:
+                    layer_states.append(states)
+        except BaseException:
+            session.interrupted = True
+            raise
+
+        # outputs
+        hidden_states = self.norm(self._select_kept(kept, plan, requested, num_tokens))
+        all_hidden_states = None
+        if output_hidden_states:
+            all_hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_states))
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=session if use_cache else None, hidden_states=all_hidden_states
+        )
+
+    def _process_window(
+        self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None
+    ):
+        """Run `window.depth` layers on one window `[B, t, hidden]`. Returns `[final hidden states]`, or with
+        `all_states` the input and the output of every layer. `session` is None for a self-contained window."""
+        valid = valid[:, window.start : window.end]  # [B, t]
+        positions = position_ids[:, window.start : window.end]
+        if session is not None and window.stores_local:
+            self._enter_local_context(session, window, valid, positions)
+            origin, local_valid = session.position_origin, session.local_valid
+        else:
+            origin, local_valid = first_position(positions, valid), valid
+        t, n = valid.shape[1], local_valid.shape[1]
+        causal = torch.arange(n, device=valid.device)[None, :] <= torch.arange(n - t, n, device=valid.device)[:, None]
+        visible = causal[None, None] & local_valid[:, None, None, :]  # [B, 1, t, n]
+        # a window that is its whole local context, without padding: plain causal attention, which kernels can skip
+        is_causal = t == n and t > 1 and bool(local_valid.all())
+        inputs = WindowInputs(window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows)
+        bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
+        if not (is_causal and self.config._attn_implementation == "sdpa"):
+            bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
+            bias.masked_fill_(~visible, mask_value(hidden_states.dtype))  # additive mask of the stock layers
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
+
+        states = [hidden_states]
+        for idx, layer in enumerate(self.layers[: window.depth]):
+            is_memory_layer = isinstance(layer, LongLlamaDecoderLayer)
+            if session is not None and not all_states and idx == window.depth - 1 < len(self.layers) - 1:
+                # the top memory layer of a window whose output nobody reads: only its keys and values are needed
+                layer.write(hidden_states, position_embeddings, session, inputs)
+                break
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=bias,
+                position_embeddings=position_embeddings,
+                cache=session if window.stores_local or is_memory_layer else None,
+                window=inputs,
+            )
+            if all_states:
+                states.append(hidden_states)
+        if session is not None:
+            session.seen_tokens += t
+        return states if all_states else [hidden_states]
+
+    def _enter_local_context(self, session: LongLlamaCache, window: Window, valid, positions) -> None:
+        """Before a window joins the local context: flush it if it would overflow, then record the new tokens."""
+        if window.flush:
+            for layer_cache in session.layers[: window.depth]:
+                layer_cache.flush(session.local_valid)
+            session.local_valid = None
+        if session.local_valid is None:
+            session.position_origin = first_position(positions, valid)  # rotary positions restart here
+            session.local_valid = valid
+        else:
+            # rows whose local context is only padding so far start counting at their first real token
+            has_token = session.local_valid.any(dim=1)
+            session.position_origin = torch.where(has_token, session.position_origin, first_position(positions, valid))
+            session.local_valid = torch.cat([session.local_valid, valid], dim=1)
+
+    def _check_cross_batch_rows(self, rows, cache, batch_size: int, num_tokens: int) -> None:
+        """Crossbatch training input: `[B, R]` integer rows, each `-1` or an earlier row; one window per row."""
+        if cache is not None:
+            raise ValueError("cross_batch_rows is a training forward without a session: do not pass a cache.")
+        if rows.dim() != 2 or rows.shape[0] != batch_size or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+            raise ValueError(
+                f"cross_batch_rows must be an integer tensor of shape [batch={batch_size}, R], got "
+                f"{rows.dtype} {tuple(rows.shape)}; build it with longllama.crossbatch.cross_batch_rows()."
+            )
+        earlier = torch.arange(batch_size, device=rows.device)[:, None]
+        if bool(((rows < -1) | (rows >= earlier)).any()):
+            raise ValueError(
+                "cross_batch_rows[b] may only name earlier rows (0 <= row < b) or -1: a row must never see itself or "
+                "a later row, whose tokens it is predicting or has not seen."
+            )
+        ordered = rows.sort(dim=1).values
+        if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+            raise ValueError("cross_batch_rows names a row twice for the same row: its keys would count twice.")
+        if num_tokens > self.window_size:
+            raise ValueError(
+                f"With cross_batch_rows every row is one local window, but the rows have {num_tokens} tokens and the "
+                f"window (max_position_embeddings) is {self.window_size}: cut the rows into windows "
+                "(longllama.data does this)."
+            )
+
+    def _session(self, cache, batch_size: int, use_cache: bool) -> LongLlamaCache:
+        """The cache that holds this call's session: the one passed in, or a new one."""
+        if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
+            # `generate()` passes an empty DynamicCache: the session memory needs our own cache type
+            session = LongLlamaCache(self.config)
+        elif not isinstance(cache, LongLlamaCache):
+            raise ValueError(
+                f"LongLLaMA keeps its session in a LongLlamaCache, got a {type(cache).__name__}. Pass cache=None to "
+                "start a session (generate() does this; do not set cache_implementation) or the cache returned by "
+                "an earlier call to continue one."
+            )
+        elif not use_cache:
+            raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
+        else:
+            session = cache
+            if session.interrupted:
+                raise ValueError(
+                    "An earlier call on this LongLlamaCache was interrupted, so its session is incomplete: call "
+                    "cache.reset() and process the session again, or start a new one with cache=None."
+                )
+            if session.fingerprint != cache_fingerprint(self.config):
+                raise ValueError(
+                    "This LongLlamaCache was made for a model with a different layout "
+                    f"{session.fingerprint} than this one {cache_fingerprint(self.config)} "
+                    "(layers, mem_layers, kv heads, head_dim, window, mem_dtype): start a new session with cache=None."
+                )
+        if session.batch_size_ is None:
+            session.batch_size_ = batch_size
+        elif session.batch_size_ != batch_size:
+            raise ValueError(
+                f"The cache holds a session of batch size {session.batch_size_} but the input has batch size "
+                f"{batch_size}: continue each session with the same rows, or start a new one with cache=None."
+            )
+        return session
+
+    @staticmethod
+    def _token_validity(attention_mask, session, batch_size, num_tokens, device) -> torch.Tensor:
+        """`[B, T]` bool, False for padding. The mask covers the whole session (HF style) or just the new tokens."""
+        if attention_mask is None:
+            return torch.ones(batch_size, num_tokens, dtype=torch.bool, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch_size:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, tokens] with 1 for tokens and 0 for padding; got shape "
+                f"{tuple(attention_mask.shape)} for a batch of {batch_size}."
+            )
+        length, seen = attention_mask.shape[1], session.seen_tokens
+        if length not in (num_tokens, seen + num_tokens):
+            raise ValueError(
+                f"attention_mask has {length} columns but the input has {num_tokens} new tokens after {seen} earlier "
+                f"ones in this session: pass a mask of length {seen + num_tokens} (the whole session) or "
+                f"{num_tokens} (the new tokens)."
+            )
+        return attention_mask[:, -num_tokens:].to(device=device, dtype=torch.bool)
+
+    @staticmethod
+    def _position_ids(position_ids, session, batch_size, num_tokens, device) -> torch.Tensor:
+        """`[B, T]` position ids; only differences within a local context matter (positions are rebased)."""
+        if position_ids is None:
+            position_ids = torch.arange(session.seen_tokens, session.seen_tokens + num_tokens, device=device)[None]
+        if position_ids.dim() != 2 or position_ids.shape[1] != num_tokens or position_ids.shape[0] not in (1, batch_size):
+            raise ValueError(
+                f"position_ids must have shape [batch, {num_tokens}] or [1, {num_tokens}], got {tuple(position_ids.shape)}."
+            )
+        return position_ids.to(device).expand(batch_size, num_tokens)
+
+    @staticmethod
+    def _select_kept(kept, plan, requested, num_tokens) -> torch.Tensor:
+        """Concatenate the kept windows and pick the requested positions, in the requested order."""
+        hidden_states = torch.cat(kept, dim=1)
+        if hidden_states.shape[1] == num_tokens and torch.equal(requested, torch.arange(num_tokens)):
+            return hidden_states
+        row_of_position = torch.full((num_tokens,), -1, dtype=torch.long)
+        starts = torch.cat([torch.arange(w.start, w.end) for w in plan if w.keep])
+        row_of_position[starts] = torch.arange(len(starts))
+        return hidden_states[:, row_of_position[requested].to(hidden_states.device)]
+
+
+class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
+    """LongLLaMA with a language-modelling head. Logits cover every input position unless `logits_to_keep` is set;
+    `generate()` processes the prompt window by window and decodes with the session memory in `LongLlamaCache`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LongLlamaConfig):
+        super().__init__(config)
+        self.model = LongLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        last_context_length: int | None = None,
+        output_hidden_states: bool | None = None,
+        cross_batch_rows: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        last_context_length (`int`, *optional*):
+            Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
+            Also accepted by `generate()`.
+        cross_batch_rows (`torch.LongTensor` of shape `[B, R]`, *optional*):
+            FoT crossbatch training: see `LongLlamaModel.forward`.
+        """
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0.")
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            last_context_length=last_context_length,
+            hidden_states_to_keep=logits_to_keep,
+            output_hidden_states=output_hidden_states,
+            cross_batch_rows=cross_batch_rows,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        )
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        num_beams = kwargs.get("num_beams", getattr(generation_config or self.generation_config, "num_beams", 1))
+        if num_beams is not None and num_beams > 1:
+            raise ValueError(
+                f"num_beams={num_beams}: beam search is not supported by LongLLaMA yet. "
+                "Use greedy decoding or sampling (num_beams=1)."
+            )
+        config = generation_config or self.generation_config
+        if (
+            kwargs.get("max_length") is None
+            and kwargs.get("max_new_tokens") is None
+            and config.max_new_tokens is None
+            and config.max_length == GenerationConfig().max_length
+        ):
+            # transformers' default: 20 new tokens, capped at max_position_embeddings in total; here that is only the
+            # window size, not a length limit, so keep the 20 new tokens
+            kwargs["max_new_tokens"] = config.max_length
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def _get_stopping_criteria(self, *args, **kwargs):
+        criteria = super()._get_stopping_criteria(*args, **kwargs)
+        for criterion in criteria:
+            if isinstance(criterion, MaxLengthCriteria):
+                criterion.max_position_embeddings = None  # the window is not a length limit: no "exceeded" warning
+        return criteria
+
+
+LongLlamaConfig.register_for_auto_class()
+LongLlamaModel.register_for_auto_class("AutoModel")
+LongLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = ["LongLlamaCache", "LongLlamaForCausalLM", "LongLlamaModel", "LongLlamaPreTrainedModel", "plan_windows"]
