@@ -7,12 +7,14 @@ writes (passkey-style documents with varied filler and key names, several named 
 
 The curriculum (retrieval does not emerge easily in tiny models trained from scratch; see docs/demo_model.md):
 
-1. `local`: documents mostly shorter than a window (half copy lists, half passkey documents), k = 2 rows per
-   document stream and memory = the stream's previous window only (positives). Copy lists grow the induction
-   mechanism; the memory layer has no rotary, so a lookup it learns inside the window works on memory keys too.
-2. `fot`: documents of up to several windows (the key lines in earlier windows, the question anywhere), k = 4, FoT
-   crossbatch with negatives from other streams, d raised 3 -> 7 -> 15 (`--cross-batch-schedule`).
-   With `--ablation` the same stage is also trained with positives only (`positives`), for docs/demo_model.md.
+1. `local` (3,000 steps): documents mostly shorter than a window (half copy lists, half passkey documents), k = 2
+   rows per document stream and memory = the stream's previous window only (positives).
+2. `copy` (1,500 steps): as `local` with denser, longer copy lists: the induction mechanism (copy by content) forms
+   here. The memory layer has no rotary, so the lookup it learns inside the window also reads memory keys.
+3. `fot` (1,500 steps): documents of up to several windows (key lines in earlier windows, the question anywhere),
+   k = 4, FoT crossbatch with negatives from other streams, d raised 3 -> 7 -> 15 (`--cross-batch-schedule`).
+   `positives` is the same stage with positives only (the ablation in docs/demo_model.md):
+   `--stages local,copy,fot,positives`.
 
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
@@ -21,7 +23,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -114,7 +115,8 @@ def prepare(work: Path, seed: int) -> None:
     tokenizer.save_pretrained(work / "tokenizer")
     LongLlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=WINDOW, last_context_length=LAST_CONTEXT_LENGTH,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=WINDOW,
+        last_context_length=LAST_CONTEXT_LENGTH,
         mem_layers=[2], mem_positionals=False, mem_dtype="float32", tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     ).to_json_file(work / "tokenizer" / "config.json")
@@ -125,6 +127,8 @@ def train(work: Path, name: str, seed: int, lr: float) -> None:
     if (work / name / "model" / "config.json").is_file():
         print(f"{name}: done already", flush=True)
         return
+    if start is not None and not (work / start / "model" / "config.json").is_file():
+        sys.exit(f"stage {name} starts from the model of stage {start}, which is not trained yet: run {start} first.")
     begin = ["--init-config", str(work / "tokenizer" / "config.json")] if start is None else [
         "--model", str(work / start / "model")]
     command = [
@@ -144,8 +148,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for data, runs and the result")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the tokenizer and the training")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of every stage")
-    parser.add_argument("--stages", default="local,fot", help="stages to run, in order (add 'positives' for the "
-                        "ablation)")
+    parser.add_argument("--stages", default="local,copy,fot", help="stages to run, in order (add 'positives' for "
+                        "the ablation)")
     parser.add_argument("--install", action="store_true", help="copy the fot model and tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
