@@ -1,11 +1,33 @@
 """Shared fixtures: tiny random LongLLaMA models (no downloads; everything is built in-process)."""
 
+import textwrap
+
 import pytest
 import torch
 
 from transformers import LlamaConfig
 
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+
+# The start of a child script in which `import longllama` fails (installed before every other finder, the editable
+# install's included): what a machine without the package sees when it loads a checkpoint's remote code.
+IMPORT_BLOCKER = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+
+    class BlockLongLlama(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "longllama" or name.startswith("longllama."):
+                raise ImportError(f"{name} is hidden from this process")
+            return None
+
+
+    sys.meta_path.insert(0, BlockLongLlama())
+    """
+)
 
 
 def tiny_config(**overrides) -> LongLlamaConfig:

@@ -20,7 +20,7 @@ import longllama
 from longllama import LongLlamaForCausalLM
 from longllama.modeling.memory_longllama import LongLlamaMemoryLayer
 
-from conftest import llama_config_like, tiny_model
+from conftest import IMPORT_BLOCKER, llama_config_like, tiny_model
 
 MODELING_DIR = Path(longllama.modeling.__file__).parent
 CODE_FILES = ["configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py"]
@@ -121,22 +121,8 @@ def test_from_pretrained_round_trip_gives_identical_logits(saved):
 # remote code in a process where the package cannot be imported
 # --------------------------------------------------------------------------------------------------------------------
 
-CHILD_SCRIPT = textwrap.dedent(
+CHILD_SCRIPT = IMPORT_BLOCKER + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-
-    class BlockLongLlama(importlib.abc.MetaPathFinder):
-        # installed before everything else, including the editable install's finder
-        def find_spec(self, name, path=None, target=None):
-            if name == "longllama" or name.startswith("longllama."):
-                raise ImportError(f"{name} is hidden from this process")
-            return None
-
-
-    sys.meta_path.insert(0, BlockLongLlama())
-
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import IMPORT_BLOCKER
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import longllama
@@ -42,20 +43,8 @@ def test_demo_model_finds_the_pass_key(demo):
     assert len(results) == 10 and len(wrong) <= 1, wrong
 
 
-CHILD = textwrap.dedent(
+CHILD = IMPORT_BLOCKER + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-
-    class BlockLongLlama(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "longllama" or name.startswith("longllama."):
-                raise ImportError(f"{name} is hidden from this process")
-            return None
-
-
-    sys.meta_path.insert(0, BlockLongLlama())
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
