@@ -60,9 +60,12 @@ def write_checkpoint(model_dir: Path, tokenizer_dir: Path, out: Path, card: str 
     (partial / "README.md").write_text(card)
     for path in partial.iterdir():
         path.chmod(0o644)  # readable by everyone once installed (the trainer writes the weights owner-only)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)  # the previous checkpoint stays whole until the new one is in place
     partial.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["DEMO_DIR", "demo_checkpoint", "write_checkpoint"]

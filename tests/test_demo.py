@@ -82,7 +82,8 @@ def test_write_checkpoint_replaces_the_old_one_whole(demo, tmp_path):
         write_checkpoint(path, path, out, last_context_length=0)
     assert (out / "stale.txt").is_file()  # a failed write leaves the old checkpoint as it was
     write_checkpoint(path, path, out, card="# card", last_context_length=100)
-    assert not (out / "stale.txt").exists() and not (tmp_path / "demo.partial").exists()
+    assert not (out / "stale.txt").exists()
+    assert not (tmp_path / "demo.partial").exists() and not (tmp_path / "demo.old").exists()
     assert AutoConfig.from_pretrained(out).last_context_length == 100
     assert (out / "README.md").read_text() == "# card"
     assert (out / "modeling_longllama.py").is_file() and (out / "tokenization_longllama.py").is_file()
