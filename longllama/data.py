@@ -231,13 +231,10 @@ class PackedBatches:
 
     def __init__(self, stream: TokenStream, batch_size: int, window: int, pack_size: int = 1,
                  cross_batch_range: int = 0, stepping: bool | None = None, positives_only: bool = False):
-        _check_layout(batch_size, pack_size, window, cross_batch_range)
         self.stream, self.batch_size, self.window, self.pack_size = stream, batch_size, window, pack_size
         self.stepping, self.positives_only = stepping, positives_only
-        self.cross_batch_range = cross_batch_range
-        self.rows = cross_batch_rows(
-            cross_batch_ranges(batch_size, cross_batch_range, pack_size, stepping, positives_only)
-        )
+        self.cross_batch_range = None
+        self.set_cross_batch_range(cross_batch_range)  # checks the layout
         self.buffers: list[list[int]] = [[] for _ in range(batch_size // pack_size)]
         stream.min_epoch_tokens = pack_size * window + 1
 

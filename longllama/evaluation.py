@@ -15,6 +15,8 @@ Both are averaged over the non-padding query tokens, heads, memory layers and do
 the (query, head) pairs whose attention on memory underflows to exactly 0, for which it is undefined.
 """
 
+from contextlib import contextmanager
+
 import torch
 from transformers.utils import logging
 
@@ -40,13 +42,33 @@ def distraction_prompt(document: list[int], distractors: list[list[int]], window
     return prompt, own - window
 
 
+def _memory_attention_modules(model) -> list[LongLlamaAttention]:
+    modules = [m for m in model.modules() if isinstance(m, LongLlamaAttention)]
+    if not modules:
+        raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
+    return modules
+
+
+@contextmanager
+def _measuring(model):
+    """The model in eval mode and transformers' progress bars off (one bar per prompt would drown the caller's own
+    progress); both restored afterwards."""
+    was_training, bars = model.training, logging.is_progress_bar_enabled()
+    model.eval()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if bars:
+            logging.enable_progress_bar()
+
+
 class _AttentionProbe:
     """Forward pre-hooks on the memory layers that compute, for the last window of a call, the attention shares."""
 
     def __init__(self, model):
-        self.modules = [m for m in model.modules() if isinstance(m, LongLlamaAttention)]
-        if not self.modules:
-            raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
+        self.modules = _memory_attention_modules(model)
         self.own_memory_tokens = 0
         self.query_mask: torch.Tensor | None = None  # [t] queries of the last window that count (None: all)
         self.results: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -140,28 +162,20 @@ def positive_attention_mass(
     Returns `{"positive": float, "memory_positive": float}` (module docstring).
     """
     window = window or model.config.max_position_embeddings
-    was_training, bars = model.training, logging.is_progress_bar_enabled()
-    model.eval()
-    logging.disable_progress_bar()  # one bar per document would drown the caller's own progress
     positives, memory_positives = [], []
-    try:
-        with _AttentionProbe(model) as probe:
-            for index, document in enumerate(documents):
-                if distractors is None:
-                    before = pick_distractors(documents, index, num_distractors, window)
-                else:
-                    before = distractors[index][:num_distractors]
-                prompt, probe.own_memory_tokens = distraction_prompt(document, before, window)
-                probe.query_mask = None if positions is None else _query_mask(positions[index], document, window)
-                probe.results.clear()
-                ids = torch.tensor([prompt], device=model.device)
-                model(ids, use_cache=True, last_context_length=window, logits_to_keep=1)
-                positives.append(torch.stack([r[0] for r in probe.results]).mean())
-                memory_positives.append(torch.stack([r[1] for r in probe.results]).nanmean())
-    finally:
-        model.train(was_training)
-        if bars:
-            logging.enable_progress_bar()
+    with _measuring(model), _AttentionProbe(model) as probe:
+        for index, document in enumerate(documents):
+            if distractors is None:
+                before = pick_distractors(documents, index, num_distractors, window)
+            else:
+                before = distractors[index][:num_distractors]
+            prompt, probe.own_memory_tokens = distraction_prompt(document, before, window)
+            probe.query_mask = None if positions is None else _query_mask(positions[index], document, window)
+            probe.results.clear()
+            ids = torch.tensor([prompt], device=model.device)
+            model(ids, use_cache=True, last_context_length=window, logits_to_keep=1)
+            positives.append(torch.stack([r[0] for r in probe.results]).mean())
+            memory_positives.append(torch.stack([r[1] for r in probe.results]).nanmean())
     return {
         "positive": torch.stack(positives).mean().item(),
         "memory_positive": torch.stack(memory_positives).nanmean().item(),
@@ -183,9 +197,7 @@ def span_attention_mass(model, input_ids: list[int], span: tuple[int, int], last
         raise ValueError(f"span {span} is not a non-empty range of the prompt's {len(input_ids)} tokens.")
     if len(input_ids) <= final:
         raise ValueError(f"A prompt of {len(input_ids)} tokens fits its final window of {final}: there is no memory.")
-    modules = [m for m in model.modules() if isinstance(m, LongLlamaAttention)]
-    if not modules:
-        raise ValueError("The model has no memory layers (mem_layers is empty): there is no memory attention.")
+    modules = _memory_attention_modules(model)
     masses = []
 
     def hook(module, args, kwargs):
@@ -195,19 +207,14 @@ def span_attention_mass(model, input_ids: list[int], span: tuple[int, int], last
             by_token = torch.cat([last[:, final:], last[:, :final]], dim=-1)  # [H, prompt tokens]
             masses.append(by_token[:, span[0] : span[1]].sum(-1).mean())
 
-    was_training, bars = model.training, logging.is_progress_bar_enabled()
-    model.eval()
-    logging.disable_progress_bar()
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
-        model(torch.tensor([input_ids], device=model.device), use_cache=True, last_context_length=final,
-              logits_to_keep=1)
+        with _measuring(model):
+            model(torch.tensor([input_ids], device=model.device), use_cache=True, last_context_length=final,
+                  logits_to_keep=1)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-        if bars:
-            logging.enable_progress_bar()
     if len(masses) != len(modules):
         raise RuntimeError(f"measured {len(masses)} of {len(modules)} memory layers")
     return torch.stack(masses).mean().item()

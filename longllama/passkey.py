@@ -35,13 +35,21 @@ TASK = (
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
                     "There and back again.")
 FILLER = " ".join(FILLER_SENTENCES)
-QUESTION = "What is the pass key? The pass key is"
 KEY_RANGE = (1, 50000)  # keys are integers in [1, 50000)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def key_line(key: int) -> str:
-    return f"The pass key is {key}. Remember it. {key} is the pass key."
+def key_line(key: int, name: str = "pass") -> str:
+    """The line that hides the key (`name` other than "pass": the training documents' other keys)."""
+    return f"The {name} key is {key}. Remember it. {key} is the {name} key."
+
+
+def question_line(name: str = "pass") -> str:
+    """The question at the end of the prompt; the answer follows it after a space."""
+    return f"What is the {name} key? The {name} key is"
+
+
+QUESTION = question_line()
 
 
 def prompt_text(key: int, filler_before: str, filler_after: str) -> str:
@@ -568,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "DEFAULT_DEPTHS", "FILLER", "QUESTION", "TASK", "PasskeyPrompts", "Trial", "accuracy_table", "is_correct",
-    "key_line", "main", "passkey_prompt", "plan_trials", "plot_accuracy", "prompt_text", "run_passkey",
+    "key_line", "main", "passkey_prompt", "question_line", "plan_trials", "plot_accuracy", "prompt_text", "run_passkey",
 ]
 
 

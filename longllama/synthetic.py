@@ -208,7 +208,7 @@ class PasskeyTask:
 
     def document(self, rng: random.Random) -> dict:
         """`{"text": ..., "key": N, "name": ..., "answer_start": character offset of the answer in the text}`."""
-        from .passkey import KEY_RANGE, TASK
+        from .passkey import KEY_RANGE, TASK, key_line, question_line
 
         spec = rng.random() < self.spec_share
         names = ["pass"] if spec else rng.sample(self.names, rng.randint(1, self.max_keys))
@@ -220,12 +220,11 @@ class PasskeyTask:
         for name, cut in zip(rng.sample(names, len(names)), cuts):
             if cut > previous or not lines[1:]:
                 lines.append(self._filler(rng, cut - previous, style))
-            lines.append(f"The {name} key is {keys[name]}. Remember it. {keys[name]} is the {name} key.")
+            lines.append(key_line(keys[name], name))
             previous = cut
         lines.append(self._filler(rng, filler_words - previous, style))
         asked = rng.choice(names)
-        question = f"What is the {asked} key? The {asked} key is"
-        text = "\n".join(lines + [question]) + " "
+        text = "\n".join(lines + [question_line(asked)]) + " "
         return {"text": text + f"{keys[asked]}.", "key": keys[asked], "name": asked, "answer_start": len(text)}
 
 
@@ -254,9 +253,10 @@ class CopyTask:
         from .passkey import FILLER_SENTENCES
 
         items = [self._item(rng) for _ in range(rng.randint(self.min_items, self.max_items))]
-        gap, sentences = rng.randint(self.min_gap_words, self.max_gap_words), []
-        while sum(len(s.split()) for s in sentences) < gap:
+        gap, sentences, words = rng.randint(self.min_gap_words, self.max_gap_words), [], 0
+        while words < gap:
             sentences.append(rng.choice(FILLER_SENTENCES))
+            words += len(sentences[-1].split())
         listed = " ".join(items)
         head = f"Here is a list: {listed}.\n" + (" ".join(sentences) + "\n" if sentences else "") + "Repeat the list: "
         return {"text": head + listed + ".", "items": items, "copy_start": len(head)}
