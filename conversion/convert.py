@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 import longllama.modeling
 from longllama.modeling.configuration_longllama import MEM_DTYPES, LongLlamaConfig
 
-CODE_FILES = ("configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py")
+CODE_FILES = (
+    "configuration_longllama.py",
+    "modeling_longllama.py",
+    "memory_longllama.py",
+    "attention_longllama.py",
+    "knn_longllama.py",
+    "session_longllama.py",
+)
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",

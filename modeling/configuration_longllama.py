@@ -11,7 +11,8 @@ import torch
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
-MEM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+MEM_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8")
+MEM_INDEXES = ("exact", "faiss", "hnswlib")
 MEM_ATTENTION_IMPLEMENTATIONS = ("blockwise", "eager", "sdpa")
 
 # The code files that ship in every checkpoint directory (see `save_pretrained`).
@@ -35,7 +36,27 @@ class LongLlamaConfig(LlamaConfig):
             If `False`, memory layers use no rotary encoding at all (local keys and queries included).
         mem_dtype (`str`, defaults to `"bfloat16"`):
             Name of the torch dtype in which memory keys and values are stored. They are cast back to the compute
-            dtype when read, so with `"bfloat16"` memory is bf16-rounded even in an fp32 model.
+            dtype when read, so with `"bfloat16"` memory is bf16-rounded even in an fp32 model. `"int8"` stores
+            every key and value vector as int8 with a float16 absmax scale (an approximation: about 0.4% error).
+        mem_top_k (`int`, *optional*):
+            kNN retrieval: each memory-layer query attends to its local context plus its `mem_top_k` memory keys of
+            highest inner product (per query head, searched among its KV head's keys), in the same softmax. `None`
+            (the published behaviour) attends to all of memory. Also a `forward` / `generate` argument. With
+            `mem_top_k` at least the memory size the result is exactly the dense one. Crossbatch training is dense.
+        mem_index (`str`, defaults to `"exact"`):
+            Top-k search backend: `"exact"` (blockwise matmul + top-k in torch), or the approximate `"faiss"` /
+            `"hnswlib"` (HNSW graphs; `pip install "longllama[faiss]"` / `"longllama[hnswlib]"`).
+        mem_index_options (`dict`, *optional*):
+            Options of the backend, e.g. `{"M": 32, "ef_search": 128}` for the HNSW backends.
+        mem_max_tokens (`int`, *optional*):
+            Bound on the entries each memory layer keeps (per row, padding included). Beyond it the oldest entries
+            are evicted first-in first-out, except the first `mem_keep_first`. At least one window plus
+            `mem_keep_first`. `None`: memory grows without bound (the published behaviour).
+        mem_keep_first (`int`, defaults to 0):
+            With `mem_max_tokens`: the first this-many memory entries of a session are never evicted.
+        mem_device (`str`, *optional*):
+            Device of the memory (e.g. `"cpu"` to offload a GPU model's memory to host RAM; top-k search runs there
+            and only the selected values move). Default: each layer's memory lives on that layer's device.
         mem_attention_grouping (`list[int]`, *optional*):
             `[heads_per_group, queries_per_group]`: the published way of bounding the memory of memory attention.
             It is mathematically a no-op; only the `"eager"` kernel uses it (the default kernel is blockwise).
@@ -74,6 +95,12 @@ class LongLlamaConfig(LlamaConfig):
     mem_attention_grouping: Any = None  # [heads_per_group, queries_per_group]; checked in validate_longllama
     mem_attention_implementation: str | None = None
     last_context_length: int = 1024
+    mem_top_k: int | None = None
+    mem_index: str = "exact"
+    mem_index_options: dict | None = None
+    mem_max_tokens: int | None = None
+    mem_keep_first: int = 0
+    mem_device: str | None = None
     torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
 
@@ -121,6 +148,18 @@ class LongLlamaConfig(LlamaConfig):
                 f"mem_attention_implementation={self.mem_attention_implementation!r} is unknown; use one of "
                 f"{list(MEM_ATTENTION_IMPLEMENTATIONS)}."
             )
+        check_top_k(self.mem_top_k)
+        if self.mem_index not in MEM_INDEXES:
+            raise ValueError(f"mem_index={self.mem_index!r} is unknown; use one of {list(MEM_INDEXES)}.")
+        if self.mem_keep_first < 0:
+            raise ValueError(f"mem_keep_first={self.mem_keep_first} must be >= 0.")
+        if self.mem_max_tokens is not None and self.mem_max_tokens - self.mem_keep_first < self.max_position_embeddings:
+            raise ValueError(
+                f"mem_max_tokens={self.mem_max_tokens} leaves less than one window (max_position_embeddings="
+                f"{self.max_position_embeddings}) after the mem_keep_first={self.mem_keep_first} kept entries: a "
+                "window written to memory would evict itself. Use mem_max_tokens >= "
+                f"{self.max_position_embeddings + self.mem_keep_first}, or null for unbounded memory."
+            )
         if self.last_context_length < 1:
             raise ValueError(f"last_context_length={self.last_context_length} must be a positive number of tokens.")
         if self.max_position_embeddings < 1:
@@ -134,4 +173,13 @@ class LongLlamaConfig(LlamaConfig):
             )
 
 
-__all__ = ["LongLlamaConfig"]
+def check_top_k(mem_top_k) -> None:
+    """`mem_top_k` is None (dense) or a positive int."""
+    if mem_top_k is not None and (isinstance(mem_top_k, bool) or not isinstance(mem_top_k, int) or mem_top_k < 1):
+        raise ValueError(
+            f"mem_top_k={mem_top_k!r} must be a positive number of memory keys per query, or None to attend to all "
+            "of memory."
+        )
+
+
+__all__ = ["LongLlamaConfig", "check_top_k"]

@@ -8,6 +8,7 @@ for Context Scaling", arXiv 2307.03170) on top of `transformers.models.llama` (5
 This folder is copied into every checkpoint directory, so it imports only torch, transformers and its own files.
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value
-from .configuration_longllama import LongLlamaConfig
+from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value, topk_memory_attention_forward
+from .configuration_longllama import LongLlamaConfig, check_top_k
 from .memory_longllama import LongLlamaCache, cache_fingerprint
 
 # Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
@@ -56,6 +57,7 @@ class WindowInputs:
     is_causal: bool = False  # `visible` is exactly the causal mask of a window that is its whole local context
     self_contained: bool = False  # the whole input is this one window and nothing is remembered: no cache needed
     cross_batch_rows: torch.Tensor | None = None  # [B, R] crossbatch training: rows whose keys each row also sees
+    mem_top_k: int | None = None  # kNN retrieval from the session memory (None: dense)
 
 
 def cross_batch_memory(key_states, value_states, valid, rows):
@@ -193,17 +195,24 @@ class LongLlamaAttention(LlamaAttention):
                 key_states, value_states = cache.update(
                     key_states, value_states, self.layer_idx, raw_keys=raw_key_states
                 )
-            memory = layer_cache.memory()
-        attn_output, attn_weights = self.attention_function(
+            memory = layer_cache.memory_store if layer_cache.memory_length > 0 else None
+        attention_function = self.attention_function
+        top_k = window.mem_top_k
+        if cache is not None and memory is not None and top_k is not None and top_k < memory.length:
+            # kNN retrieval from the session memory (with k >= memory it would select everything: dense, exactly);
+            # crossbatch training attends densely, as in the paper
+            attention_function = topk_memory_attention_forward
+        attn_output, attn_weights = attention_function(
             self,
             query_states,
             key_states,
             value_states,
-            window.visible,
+            window.visible.to(query_states.device),
             memory=memory,
             scaling=self.scaling,
             grouping=self.grouping,
             is_causal=window.is_causal,
+            top_k=top_k,
         )
         if cache is not None and not window.stores_local:
             # a stand-alone window of a long prompt goes to memory after its own attention (it never sees itself)
@@ -279,6 +288,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         cross_batch_rows: torch.LongTensor | None = None,
+        mem_top_k: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -290,6 +300,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             FoT crossbatch training (`longllama.crossbatch` builds it): every row is one local window, and the memory
             layers of row b also attend to all tokens of rows `cross_batch_rows[b]` (earlier rows only, `-1` for
             none), their keys unrotated, in the same softmax, with gradients. No cache is used or returned.
+        mem_top_k (`int`, *optional*):
+            Memory keys each memory-layer query attends to, chosen by inner product (default: `config.mem_top_k`;
+            `None` there means all of memory). Crossbatch training always attends densely.
         """
         # inputs
         if (input_ids is None) == (inputs_embeds is None):
@@ -302,6 +315,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
         last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
+        mem_top_k = self.config.mem_top_k if mem_top_k is None else mem_top_k
+        check_top_k(mem_top_k)
         if last_context_length < 1:
             raise ValueError(f"last_context_length={last_context_length} must be a positive number of tokens.")
         inputs = input_ids if input_ids is not None else inputs_embeds
@@ -337,7 +352,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     window_states = inputs_embeds[:, w.start : w.end]
                 states = self._process_window(
                     window_states, valid, position_ids, w, None if self_contained else session,
-                    output_hidden_states, cross_batch_rows,
+                    output_hidden_states, cross_batch_rows, mem_top_k,
                 )
                 if w.keep:
                     kept.append(states[-1])
@@ -358,7 +373,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         )
 
     def _process_window(
-        self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None
+        self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None,
+        mem_top_k=None,
     ):
         """Run `window.depth` layers on one window `[B, t, hidden]`. Returns `[final hidden states]`, or with
         `all_states` the input and the output of every layer. `session` is None for a self-contained window."""
@@ -374,7 +390,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         visible = causal[None, None] & local_valid[:, None, None, :]  # [B, 1, t, n]
         # a window that is its whole local context, without padding: plain causal attention, which kernels can skip
         is_causal = t == n and t > 1 and bool(local_valid.all())
-        inputs = WindowInputs(window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows)
+        inputs = WindowInputs(
+            window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows, mem_top_k
+        )
         bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
         if not (is_causal and self.config._attn_implementation == "sdpa"):
             bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
@@ -446,6 +464,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if cache is None or (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
             # `generate()` passes an empty DynamicCache: the session memory needs our own cache type
             session = LongLlamaCache(self.config)
+            session.model_ref = weakref.ref(self)
         elif not isinstance(cache, LongLlamaCache):
             raise ValueError(
                 f"LongLLaMA keeps its session in a LongLlamaCache, got a {type(cache).__name__}. Pass cache=None to "
@@ -456,6 +475,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
         else:
             session = cache
+            if session.model_ref is None:  # a cache made by the user: `save` fingerprints the model that fills it
+                session.model_ref = weakref.ref(self)
             if session.interrupted:
                 raise ValueError(
                     "An earlier call on this LongLlamaCache was interrupted, so its session is incomplete: call "
@@ -546,6 +567,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         last_context_length: int | None = None,
         output_hidden_states: bool | None = None,
         cross_batch_rows: torch.LongTensor | None = None,
+        mem_top_k: int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -554,9 +576,19 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             Also accepted by `generate()`.
         cross_batch_rows (`torch.LongTensor` of shape `[B, R]`, *optional*):
             FoT crossbatch training: see `LongLlamaModel.forward`.
+        mem_top_k (`int`, *optional*):
+            kNN retrieval from memory (default: `config.mem_top_k`); also accepted by `generate()`.
         """
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0.")
+        repeats = self._shared_prefill_repeats(input_ids, inputs_embeds, attention_mask, position_ids, cache)
+        if repeats > 1:
+            # generate() repeated every prompt for its beams / return sequences: read each prompt once and let the
+            # copies share its memory (exactly what every copy would compute on its own)
+            input_ids, inputs_embeds, attention_mask, position_ids = (
+                None if x is None or x.shape[0] == 1 else x[::repeats]
+                for x in (input_ids, inputs_embeds, attention_mask, position_ids)
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -568,9 +600,14 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             hidden_states_to_keep=logits_to_keep,
             output_hidden_states=output_hidden_states,
             cross_batch_rows=cross_batch_rows,
+            mem_top_k=mem_top_k,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        hidden_states = outputs.last_hidden_state
+        if repeats > 1:
+            outputs.cache.batch_repeat_interleave(repeats)
+            hidden_states = hidden_states.repeat_interleave(repeats, dim=0)
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -578,14 +615,34 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
         )
 
+    def _shared_prefill_repeats(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> int:
+        """How many identical copies of each prompt `generate()` passed (beams, return sequences), or 1.
+
+        Only inside `generate()`, only for the first call of a session (or of a continued session of the prompts'
+        own batch size), and only if the rows really are repeated in groups."""
+        repeats = getattr(self, "_generation_repeats", 1)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        if repeats <= 1 or inputs is None or inputs.shape[0] % repeats:
+            return 1
+        batch = inputs.shape[0] // repeats
+        if isinstance(cache, LongLlamaCache):
+            if cache.batch_size_ not in (None, batch):
+                return 1
+        elif cache is not None and cache.get_seq_length() > 0:
+            return 1
+        for x in (inputs, attention_mask, position_ids):
+            if x is not None and x.shape[0] != 1:
+                grouped = x.reshape(batch, repeats, *x.shape[1:])
+                if not torch.equal(grouped, grouped[:, :1].expand_as(grouped)):
+                    return 1
+        return repeats
+
     def generate(self, inputs=None, generation_config=None, **kwargs):
-        num_beams = kwargs.get("num_beams", getattr(generation_config or self.generation_config, "num_beams", 1))
-        if num_beams is not None and num_beams > 1:
-            raise ValueError(
-                f"num_beams={num_beams}: beam search is not supported by LongLLaMA yet. "
-                "Use greedy decoding or sampling (num_beams=1)."
-            )
+        """`GenerationMixin.generate`; with beams or `num_return_sequences`, the prompt is read once per row and its
+        copies share one memory (they only copy their local contexts)."""
         config = generation_config or self.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        repeats = max(beams, kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
         if (
             kwargs.get("max_length") is None
             and kwargs.get("max_new_tokens") is None
@@ -595,7 +652,11 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             # transformers' default: 20 new tokens, capped at max_position_embeddings in total; here that is only the
             # window size, not a length limit, so keep the 20 new tokens
             kwargs["max_new_tokens"] = config.max_length
-        return super().generate(inputs, generation_config=generation_config, **kwargs)
+        self._generation_repeats = repeats
+        try:
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
+        finally:
+            self._generation_repeats = 1
 
     def _get_stopping_criteria(self, *args, **kwargs):
         criteria = super()._get_stopping_criteria(*args, **kwargs)

@@ -69,6 +69,9 @@ class RefConfig:
     mem_layers: list[int] = field(default_factory=list)
     mem_positionals: bool = True
     mem_dtype: torch.dtype = torch.bfloat16
+    mem_top_k: int | None = None  # memory keys per query chosen by q . k (None: all)
+    mem_max_tokens: int | None = None  # memory keeps its first mem_keep_first entries and its most recent ones
+    mem_keep_first: int = 0
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -113,6 +116,9 @@ class RefConfig:
             mem_layers=[] if mem_layers is None else list(mem_layers),
             mem_positionals=True if mem_positionals is None else bool(mem_positionals),
             mem_dtype=torch.bfloat16 if mem_dtype is None else mem_dtype,
+            mem_top_k=getattr(config, "mem_top_k", None),
+            mem_max_tokens=getattr(config, "mem_max_tokens", None),
+            mem_keep_first=getattr(config, "mem_keep_first", 0),
         )
 
 
@@ -171,6 +177,10 @@ def _append_to_memory(sess: RefSession, layer: int, k, v, valid, cfg: RefConfig)
         k = torch.cat([sess.mem_k[layer], k], dim=2)
         v = torch.cat([sess.mem_v[layer], v], dim=2)
         valid = torch.cat([sess.mem_valid[layer], valid], dim=1)
+    if cfg.mem_max_tokens is not None and k.shape[2] > cfg.mem_max_tokens:
+        first, recent = cfg.mem_keep_first, cfg.mem_max_tokens - cfg.mem_keep_first
+        k, v = (torch.cat([x[:, :, :first], x[:, :, -recent:]], dim=2) for x in (k, v))
+        valid = torch.cat([valid[:, :first], valid[:, -recent:]], dim=1)
     sess.mem_k[layer], sess.mem_v[layer], sess.mem_valid[layer] = k, v, valid
 
 
@@ -215,6 +225,10 @@ def _attention(q, k, v, ctx_valid, mem_k, mem_v, mem_valid, cfg: RefConfig):
         mem_scores = torch.where(
             mem_allowed, mem_scores.clamp(min=MASKED), torch.full_like(mem_scores, MASKED)
         )
+        if cfg.mem_top_k is not None and cfg.mem_top_k < mem_scores.shape[-1]:
+            # kNN: only the top-k memory keys of each query take part (padding is never among them)
+            kth = mem_scores.topk(cfg.mem_top_k, dim=-1).values[..., -1:]
+            mem_scores = torch.where(mem_scores >= kth, mem_scores, torch.full_like(mem_scores, -math.inf))
         scores = torch.cat([scores, mem_scores], dim=-1)
         values = torch.cat([v, mv], dim=2)
     probs = torch.softmax(scores, dim=-1)

@@ -26,7 +26,14 @@ from longllama.conversion.convert import (
     main,
 )
 
-CODE_FILES = ["configuration_longllama.py", "modeling_longllama.py", "memory_longllama.py", "attention_longllama.py"]
+CODE_FILES = [
+    "configuration_longllama.py",
+    "modeling_longllama.py",
+    "memory_longllama.py",
+    "attention_longllama.py",
+    "knn_longllama.py",
+    "session_longllama.py",
+]
 TOKENS = 6  # <= last_context_length below: the converted model must equal the source Llama exactly
 
 
@@ -397,7 +404,7 @@ BAD_INPUTS = {
     "duplicate_name": (break_duplicate_name, {}, r"duplicate tensor model.norm.weight: in \S+ and \S+"),
     "missing_tensor": (break_missing_tensor, {}, "missing tensor model.norm.weight"),
     "mem_layers": (None, {"mem_layers": [1, 4]}, r"mem_layers \[4\] out of range"),
-    "mem_dtype": (None, {"mem_dtype": "int8"}, "mem_dtype 'int8'"),
+    "mem_dtype": (None, {"mem_dtype": "int16"}, "mem_dtype 'int16'"),
     "shard_size": (None, {"shard_size": "lots"}, "shard size 'lots'"),
 }
 

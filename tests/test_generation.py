@@ -8,9 +8,9 @@ local context overflows (SPEC 2.7) at the 5th generated token fed back, then at 
 
 import pytest
 import torch
-from conftest import left_pad, max_err, tiny_model
+from conftest import left_pad, llama_config_like, max_err, tiny_model
 from reference import RefConfig, reference_forward, reference_greedy_generate
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LlamaForCausalLM
 
 from longllama import LongLlamaCache
 
@@ -311,13 +311,18 @@ def test_left_padded_generate_matches_reference(case):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(num_beams=2), dict(generation_config=GenerationConfig(num_beams=2, do_sample=False, max_new_tokens=3))],
-    ids=["kwarg", "generation_config"],
+    [dict(num_beams=3, num_return_sequences=2), dict(generation_config=GenerationConfig(num_beams=2, do_sample=False))],
+    ids=["kwargs", "generation_config"],
 )
-def test_beam_search_raises(kwargs):
-    model = make_model()
-    with pytest.raises(ValueError, match="beam search"):
-        model.generate(random_ids(1, 5), **{"max_new_tokens": 3, **kwargs})
+def test_beam_search_on_a_short_prompt_is_llama_beam_search(kwargs):
+    """While prompt and output fit in the last context (no memory), LongLLaMA is Llama: the same beams."""
+    model = make_model(last_context_length=W)
+    llama = LlamaForCausalLM(llama_config_like(model.config)).eval()
+    llama.load_state_dict(model.state_dict())
+    ids = random_ids(2, 3)
+    generation = {"max_new_tokens": 4, "pad_token_id": 0, **kwargs}
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **generation), llama.generate(ids, **generation))
 
 
 def test_static_cache_raises():

@@ -6,7 +6,8 @@ All kernels share one signature and return `(attn_output [B, t, H, D], attn_weig
     key     [B, Hkv, n, D]     rotated keys of the local context (the window is its last t entries)
     value   [B, Hkv, n, D]
     visible [B, 1, t, n] bool  causal mask and padding of the local context
-    memory  (mem_key [B, Hkv, M, D], mem_value [B, Hkv, M, D], mem_valid [B, M] bool) or None;
+    memory  a `LayerMemory` (the session's, read chunk by chunk), or a tuple
+            (mem_key [B, Hkv, M, D], mem_value [B, Hkv, M, D], mem_valid [B, M] bool) (crossbatch training), or None;
             memory keys are unrotated and stored in `mem_dtype`, memory entries are never causally masked.
 
 Masked scores are pushed to `MASK_VALUE` (-1e6, where the published code clamps them), never to -inf: a query row with
@@ -22,6 +23,8 @@ MASK_VALUE = -1e6
 # Memory keys per block of the blockwise kernel: one block of keys (fp32, all KV heads) holds about this many floats.
 MEMORY_BLOCK_ELEMENTS = 1 << 22
 MIN_BLOCK = 256
+# Top-k attention gathers the selected values of this many elements at a time ([rows, k, D] per KV head).
+TOPK_GATHER_ELEMENTS = 1 << 23
 FLASH_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -41,6 +44,30 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def memory_blocks(memory, batch_size: int, dtype: torch.dtype, device: torch.device, block: int | None = None):
+    """`(keys, values [B, Hkv, n, D] in dtype on device, valid [B, n])` blocks of `memory` (tuple or `LayerMemory`);
+    a tuple is cut into blocks of `block` keys (default: all)."""
+    if not isinstance(memory, tuple):
+        yield from memory.blocks(dtype, device, batch_size)
+        return
+    mem_key, mem_value, mem_valid = memory
+    block = block or mem_key.shape[2]
+    for m0 in range(0, mem_key.shape[2], block):
+        yield (
+            mem_key[:, :, m0 : m0 + block].to(device, dtype),
+            mem_value[:, :, m0 : m0 + block].to(device, dtype),
+            mem_valid[:, m0 : m0 + block].to(device),
+        )
+
+
+def materialize_memory(memory, batch_size: int, dtype: torch.dtype, device: torch.device):
+    """All of `memory` as one `(keys, values, valid)` tuple (the dense kernels concatenate it anyway)."""
+    if memory is None or isinstance(memory, tuple):
+        return memory
+    keys, values, valid = zip(*memory_blocks(memory, batch_size, dtype, device))
+    return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(valid, dim=-1)
+
+
 def eager_memory_attention_forward(
     module, query, key, value, visible, memory=None, scaling=1.0, grouping=None, **kwargs
 ):
@@ -50,6 +77,7 @@ def eager_memory_attention_forward(
     groups = H // key.shape[1]
     keys, values = _repeat_kv(key, groups), _repeat_kv(value, groups)
     fill = mask_value(query.dtype)
+    memory = materialize_memory(memory, B, query.dtype, query.device)
     if memory is not None:
         mem_key, mem_value, mem_valid = memory
         keys = torch.cat([keys, _repeat_kv(mem_key.to(query.dtype), groups)], dim=-2)
@@ -72,6 +100,7 @@ def eager_memory_attention_forward(
 def sdpa_memory_attention_forward(module, query, key, value, visible, memory=None, scaling=1.0, **kwargs):
     """Local and memory keys concatenated, one `scaled_dot_product_attention` call with an additive mask."""
     B, H, t, D = query.shape
+    memory = materialize_memory(memory, B, query.dtype, query.device)
     if memory is not None:
         mem_key, mem_value, mem_valid = memory
         key = torch.cat([key, mem_key.to(key.dtype)], dim=-2)
@@ -114,6 +143,18 @@ def _merge(out, lse, block_out, block_lse):
     return out, total
 
 
+def _local_attention(query, key, value, visible, scaling, is_causal):
+    """The local-context part of memory attention: `(out [B, H, t, D] float32 or wider, lse [B, H, t])`."""
+    acc_dtype = torch.promote_types(query.dtype, torch.float32)
+    bias = None
+    if not is_causal:
+        bias = torch.zeros(visible.shape, dtype=acc_dtype, device=query.device)
+        bias.masked_fill_(~visible.to(query.device), MASK_VALUE)  # [B, 1, t, n]
+    groups = query.shape[1] // key.shape[1]
+    out, lse = _attend(query, _repeat_kv(key, groups), _repeat_kv(value, groups), bias, scaling, is_causal)
+    return out.to(acc_dtype), lse
+
+
 def blockwise_memory_attention_forward(
     module, query, key, value, visible, memory=None, scaling=1.0, block_size=None, is_causal=False, **kwargs
 ):
@@ -128,30 +169,44 @@ def blockwise_memory_attention_forward(
     B, H, t, D = query.shape
     Hkv = key.shape[1]
     acc_dtype = torch.promote_types(query.dtype, torch.float32)
-    bias = None
-    if not is_causal:
-        bias = torch.zeros(visible.shape, dtype=acc_dtype, device=query.device)
-        bias.masked_fill_(~visible, MASK_VALUE)  # [B, 1, t, n]
-    groups = H // Hkv
-    out, lse = _attend(query, _repeat_kv(key, groups), _repeat_kv(value, groups), bias, scaling, is_causal)
-    out = out.to(acc_dtype)  # [B, H, t, D]
-
+    out, lse = _local_attention(query, key, value, visible, scaling, is_causal)
     if memory is not None:
-        mem_key, mem_value, mem_valid = memory
         q = _group_queries(query, Hkv)  # [B, Hkv, g*t, D]: memory is read once per KV head
         block = block_size or max(MIN_BLOCK, MEMORY_BLOCK_ELEMENTS // max(1, B * Hkv * D))
-        for m0 in range(0, mem_key.shape[2], block):
-            valid = mem_valid[:, m0 : m0 + block]
+        for k, v, valid in memory_blocks(memory, B, query.dtype, query.device, block):
             block_bias = None
             if not bool(valid.all()):
                 block_bias = torch.zeros(valid.shape, dtype=acc_dtype, device=query.device)
                 block_bias = block_bias.masked_fill_(~valid, MASK_VALUE)[:, None, None, :]
-            k = mem_key[:, :, m0 : m0 + block].to(query.dtype)
-            v = mem_value[:, :, m0 : m0 + block].to(value.dtype)
-            block_out, block_lse = _attend(q, k, v, block_bias, scaling)
+            block_out, block_lse = _attend(q, k, v.to(value.dtype), block_bias, scaling)
             block_out = block_out.reshape(B, H, t, D).to(acc_dtype)
             out, lse = _merge(out, lse, block_out, block_lse.reshape(B, H, t))
 
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def topk_memory_attention_forward(module, query, key, value, visible, memory=None, scaling=1.0, top_k=None, **kwargs):
+    """kNN memory attention: each query attends to its local context plus its `top_k` memory entries of highest
+    `q . k` (searched per KV head by `memory.search`, a `LayerMemory`), all in one softmax. With `top_k` at least the
+    memory size this is the dense result; callers then use a dense kernel, which gives it exactly."""
+    B, H, t, D = query.shape
+    Hkv = key.shape[1]
+    out, local_lse = _local_attention(query, key, value, visible, scaling, kwargs.get("is_causal", False))
+    q = _group_queries(query, Hkv)  # [B, Hkv, g*t, D]
+    scores, ids = memory.search(q, top_k)  # [B, Hkv, g*t, k]: unscaled q . k, ids -1 where nothing was found
+    rows = max(1, TOPK_GATHER_ELEMENTS // max(1, B * Hkv * top_k * D))
+    parts = []
+    for r0 in range(0, q.shape[2], rows):  # queries in slices: the gathered values are [.., rows, k, D]
+        chunk_ids = ids[:, :, r0 : r0 + rows]
+        values = memory.gather_values(chunk_ids, torch.float32).to(query.device)
+        chunk_scores = (scores[:, :, r0 : r0 + rows] * scaling).to(query.device)
+        chunk_scores = chunk_scores.masked_fill(chunk_ids.to(query.device) < 0, MASK_VALUE)
+        chunk_lse = torch.logsumexp(chunk_scores, dim=-1)
+        probs = torch.exp(chunk_scores - chunk_lse[..., None])
+        parts.append((torch.einsum("bhrk,bhrkd->bhrd", probs, values), chunk_lse))
+    mem_out = torch.cat([p[0] for p in parts], dim=2).reshape(B, H, t, D)
+    mem_lse = torch.cat([p[1] for p in parts], dim=2).reshape(B, H, t)
+    out, _ = _merge(out, local_lse, mem_out, mem_lse)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -167,5 +222,8 @@ __all__ = [
     "blockwise_memory_attention_forward",
     "eager_memory_attention_forward",
     "mask_value",
+    "materialize_memory",
+    "memory_blocks",
     "sdpa_memory_attention_forward",
+    "topk_memory_attention_forward",
 ]

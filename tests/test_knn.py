@@ -1,0 +1,286 @@
+"""Top-k index backends (modeling/knn_longllama.py) against brute-force ground truth, as faiss tests its indexes."""
+
+import math
+
+import pytest
+import torch
+
+from longllama.modeling import knn_longllama
+from longllama.modeling.knn_longllama import INDEX_BACKENDS, ExactIndex, make_index
+
+APPROXIMATE = ["faiss", "hnswlib"]
+
+
+class Memory:
+    """Keys `[B, H, n, D]` and valid `[B, n]` that `source()` serves in blocks of `block` entries (id = position)."""
+
+    def __init__(self, B=2, H=3, n=1000, D=16, block=300, padding=0.2, seed=0, clusters=0):
+        generator = torch.Generator().manual_seed(seed)
+        if clusters:  # keys near a few centres: the data HNSW graphs are built for
+            self.centres = 3 * torch.randn(clusters, D, generator=generator)
+            assignment = torch.randint(clusters, (B, H, n), generator=generator)
+            self.keys = self.centres[assignment] + torch.randn(B, H, n, D, generator=generator)
+        else:
+            self.keys = torch.randn(B, H, n, D, generator=generator)
+        self.valid = torch.rand(B, n, generator=generator) >= padding
+        self.block = block
+        self.source_calls = 0
+
+    def source(self):
+        self.source_calls += 1
+        starts = range(0, self.keys.shape[2], self.block)
+        return ((s, self.keys[:, :, s : s + self.block], self.valid[:, s : s + self.block]) for s in starts)
+
+    def index(self, name: str, **options):
+        index = make_index(name, self.source, **options)
+        for first_id, keys, valid in self.source():
+            index.add(first_id, keys, valid)
+        return index
+
+    def queries(self, Bq=None, r=4, seed=1):
+        B, H, n, D = self.keys.shape
+        generator = torch.Generator().manual_seed(seed)
+        queries = torch.randn(Bq or B, H, r, D, generator=generator)
+        if hasattr(self, "centres"):
+            queries += self.centres[torch.randint(len(self.centres), (Bq or B, H, r), generator=generator)]
+        return queries
+
+
+def brute_force(memory: Memory, queries, k, rows=None, live=None):
+    """One full matmul and topk: scores and ids `[Bq, H, r, k]`, (-inf, -1) where fewer than k keys are valid."""
+    rows = torch.arange(queries.shape[0]) if rows is None else rows
+    keys, valid = memory.keys[rows], memory.valid[rows]
+    if live is not None:  # [n] bool: not evicted
+        valid = valid & live
+    scores = (queries @ keys.transpose(-1, -2)).masked_fill(~valid[:, None, None, :], -math.inf)
+    if scores.shape[-1] < k:
+        scores = torch.cat([scores, torch.full((*scores.shape[:-1], k - scores.shape[-1]), -math.inf)], -1)
+    top = scores.topk(k)
+    return top.values, top.indices.masked_fill(top.values == -math.inf, -1)
+
+
+def assert_same(result, expected):
+    scores, ids = result
+    assert scores.dtype == torch.float32 and ids.dtype == torch.long
+    torch.testing.assert_close(scores, expected[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, expected[1])
+
+
+def returns_valid(memory: Memory, ids, rows=None) -> bool:
+    """Whether every id >= 0 points at a valid entry of the memory row its query row searches."""
+    rows = torch.arange(ids.shape[0]) if rows is None else rows
+    return bool(((ids < 0) | memory.valid[rows[:, None, None, None], ids.clamp(min=0)]).all())
+
+
+def graph_sizes(index) -> list[int]:
+    """Entries held by each HNSW graph, evicted ones included (white-box: the backends' per-row state)."""
+    graphs = [graph for row in index._rows for graph in row.indexes]
+    return [graph.ntotal if index.name == "faiss" else graph.get_current_count() for graph in graphs]
+
+
+def recall(ids, reference_ids):
+    """Fraction of the reference results (ids >= 0) that `ids` found, over all queries."""
+    found = (ids[..., :, None] == reference_ids[..., None, :]).any(-2) & (reference_ids >= 0)
+    return found.sum().item() / (reference_ids >= 0).sum().item()
+
+
+# ---------------------------------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("k", [1, 10, 200])
+@pytest.mark.parametrize("tile", [knn_longllama.SCORE_TILE, 2**10])  # one tile per block, or 256-key tiles
+def test_exact_matches_brute_force(monkeypatch, k, tile):
+    monkeypatch.setattr(knn_longllama, "SCORE_TILE", tile)
+    memory = Memory()
+    index = memory.index("exact")
+    queries = memory.queries()
+    calls = memory.source_calls
+    assert_same(index.search(queries, k), brute_force(memory, queries, k))
+    assert memory.source_calls > calls  # it stores nothing: every search reads the memory again
+    assert index.ntotal == 1000
+
+
+def test_exact_single_query_and_long_blocks():
+    """One query per key set, blocks longer than a tile: the matrix-vector path and several tiles per block."""
+    memory = Memory(B=1, H=1, n=5000, D=32, block=4096, padding=0.0)
+    index = memory.index("exact")
+    queries = memory.queries(r=1)
+    assert_same(index.search(queries, 128), brute_force(memory, queries, 128))
+
+
+def test_exact_padding_is_never_returned():
+    memory = Memory(B=3, n=600, padding=0.5)
+    memory.valid[1] = False
+    memory.valid[1, [5, 250, 599]] = True  # row 1: three valid keys
+    memory.valid[2] = False  # row 2: padding only
+    index = memory.index("exact")
+    queries = memory.queries()
+    scores, ids = index.search(queries, 20)
+    assert_same((scores, ids), brute_force(memory, queries, 20))
+    assert set(ids[1, ..., :3].flatten().tolist()) == {5, 250, 599}
+    assert (ids[1, ..., 3:] == -1).all() and (scores[1, ..., 3:] == -math.inf).all()
+    assert (ids[2] == -1).all() and (scores[2] == -math.inf).all()
+    assert returns_valid(memory, ids)
+    assert index.ntotal == 600  # padding takes an id
+
+
+def test_exact_beam_rows():
+    """Query rows repeated per beam (`arange(B).repeat_interleave(G)`) search their memory row."""
+    memory = Memory()
+    index = memory.index("exact")
+    rows = torch.arange(2).repeat_interleave(3)
+    queries = memory.queries(Bq=6)
+    assert_same(index.search(queries, 10, rows=rows), brute_force(memory, queries, 10, rows=rows))
+
+
+@pytest.mark.parametrize("rows", [[1, 0], [1, 1, 0], [0, 0, 1, 1, 1]])  # a permutation, a gather, an uneven split
+def test_exact_arbitrary_rows(rows):
+    memory = Memory()
+    index = memory.index("exact")
+    rows = torch.tensor(rows)
+    queries = memory.queries(Bq=len(rows))
+    assert_same(index.search(queries, 10, rows=rows), brute_force(memory, queries, 10, rows=rows))
+
+
+def test_exact_evict():
+    memory = Memory()
+    index = memory.index("exact")
+    index.evict(0, 400)
+    index.evict(550, 620)
+    index.evict(300, 450)  # overlaps an evicted range
+    index.evict(5000, 6000)  # was never added
+    live = torch.ones(1000, dtype=torch.bool)
+    live[:450] = live[550:620] = False
+    assert index.ntotal == live.sum().item()
+    queries = memory.queries()
+    scores, ids = index.search(queries, 50)
+    assert_same((scores, ids), brute_force(memory, queries, 50, live=live))
+    assert not live[ids[ids >= 0]].logical_not().any()
+
+
+def test_reset_and_growing_ids():
+    memory = Memory()
+    index = memory.index("exact")
+    with pytest.raises(ValueError, match="ids must grow"):
+        index.add(999, memory.keys[:, :, :1], memory.valid[:, :1])
+    index.reset()
+    assert index.ntotal == 0
+    scores, ids = index.search(memory.queries(), 5)
+    assert (ids == -1).all() and (scores == -math.inf).all()
+    index.add(0, memory.keys[:, :, :300], memory.valid[:, :300])  # a new session starts at id 0
+    queries = memory.queries()
+    live = torch.arange(1000) < 300
+    assert_same(index.search(queries, 5), brute_force(memory, queries, 5, live=live))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_exact_on_gpu_memory():
+    memory = Memory()
+    cpu_result = memory.index("exact").search(memory.queries(), 10)
+    memory.keys, memory.valid = memory.keys.cuda(), memory.valid.cuda()
+    scores, ids = memory.index("exact").search(memory.queries(), 10)  # CPU queries, GPU memory
+    assert scores.device.type == "cpu"
+    assert_same((scores, ids), cpu_result)
+
+
+# ---------------------------------------------------------------------------------------------------- approximate
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_approximate_recall(name):
+    pytest.importorskip(name)
+    memory = Memory(B=2, H=2, n=2000, D=16, block=512, clusters=20)
+    index = memory.index(name)
+    queries = memory.queries(r=8)
+    scores, ids = index.search(queries, 10)
+    exact = brute_force(memory, queries, 10)
+    assert recall(ids, exact[1]) >= 0.9
+    assert (ids >= 0).all() and returns_valid(memory, ids)
+    assert (scores[..., :-1] >= scores[..., 1:]).all()
+    keys = memory.keys[torch.arange(2)[:, None, None, None], torch.arange(2)[None, :, None, None], ids]
+    torch.testing.assert_close(scores, (queries[..., None, :] * keys).sum(-1), rtol=1e-4, atol=1e-3)  # q . key
+    assert index.ntotal == 2000
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_approximate_rows_and_missing_results(name):
+    pytest.importorskip(name)
+    memory = Memory(B=2, H=2, n=300, D=16, block=128, clusters=10)
+    memory.valid[1] = False
+    memory.valid[1, :5] = True  # row 1: five valid keys
+    index = memory.index(name)
+    rows = torch.tensor([1, 1, 0])
+    queries = memory.queries(Bq=3)
+    scores, ids = index.search(queries, 10, rows=rows)
+    exact = brute_force(memory, queries, 10, rows=rows)
+    assert recall(ids, exact[1]) >= 0.9
+    assert torch.equal(ids[:2, ..., 5:], torch.full_like(ids[:2, ..., 5:], -1))
+    assert (scores[:2, ..., 5:] == -math.inf).all() and returns_valid(memory, ids, rows)
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_approximate_evict(name):
+    pytest.importorskip(name)
+    memory = Memory(B=2, H=2, n=2000, D=16, block=512, clusters=20)
+    index = memory.index(name)
+    queries = memory.queries(r=8)
+    live = torch.ones(2000, dtype=torch.bool)
+    for lo, hi in [(0, 300), (700, 800), (300, 1300)]:  # the last one leaves more evicted keys than live ones
+        index.evict(lo, hi)
+        live[lo:hi] = False
+        assert index.ntotal == live.sum().item()
+        scores, ids = index.search(queries, 10)
+        assert live[ids[ids >= 0]].all()
+        assert recall(ids, brute_force(memory, queries, 10, live=live)[1]) >= 0.9
+    more = Memory(B=2, H=2, n=500, D=16, clusters=20, seed=2)  # keys added after evictions reuse the freed room
+    memory.keys, memory.valid = torch.cat([memory.keys, more.keys], 2), torch.cat([memory.valid, more.valid], 1)
+    index.add(2000, more.keys, more.valid)
+    live = torch.cat([live, torch.ones(500, dtype=torch.bool)])
+    scores, ids = index.search(queries, 10)
+    assert live[ids[ids >= 0]].all() and (ids >= 2000).any()
+    assert recall(ids, brute_force(memory, queries, 10, live=live)[1]) >= 0.9
+    peak = memory.valid[:, :2000].sum(1).max().item()  # the most valid keys a row held before evicting
+    assert max(graph_sizes(index)) <= peak  # rebuilt (faiss) or reusing deleted slots (hnswlib): bounded
+    index.reset()
+    assert index.ntotal == 0 and (index.search(queries, 3)[1] == -1).all()
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_backend_and_options():
+    memory = Memory()
+    with pytest.raises(ValueError, match="exact, faiss, hnswlib"):
+        make_index("annoy", memory.source)
+    with pytest.raises(ValueError, match="accepted options: none"):
+        make_index("exact", memory.source, ef_search=64)
+    with pytest.raises(ValueError, match="accepted options: M, ef_construction, ef_search"):
+        INDEX_BACKENDS["hnswlib"](memory.source, efSearch=64)
+    with pytest.raises(ValueError, match="positive integer"):
+        INDEX_BACKENDS["hnswlib"](memory.source, M=0)
+
+
+@pytest.mark.parametrize("name", ["exact", *APPROXIMATE])
+def test_bad_search_arguments(name):
+    if name != "exact":
+        pytest.importorskip(name)
+    memory = Memory(n=100, block=100)
+    index = memory.index(name)
+    queries = memory.queries()
+    for k in [0, -1]:
+        with pytest.raises(ValueError, match="k must be an integer >= 1"):
+            index.search(queries, k)
+    with pytest.raises(ValueError, match="rows"):
+        index.search(memory.queries(Bq=3), 5)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 2\)"):
+        index.search(queries, 5, rows=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="do not match"):
+        index.add(100, memory.keys[:1], memory.valid[:1])
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_missing_library_names_the_extra(monkeypatch, name):
+    monkeypatch.setattr(knn_longllama, name, None)
+    with pytest.raises(ImportError, match=rf'pip install "longllama\[{name}\]"'):
+        make_index(name, Memory().source)
+    assert isinstance(make_index("exact", Memory().source), ExactIndex)  # the exact backend needs nothing
