@@ -41,6 +41,7 @@ MIN_TILE_KEYS = 256
 GROUP = 8
 MERGE_FACTOR = 1
 MATVEC_SPLIT = 8
+DENSE = 0.25
 # The approximate backends' transform radius R is this many times the largest key norm seen (see `_HnswIndex`).
 RADIUS_HEADROOM = 1.25
 
@@ -141,7 +142,7 @@ class _RunningTopK:
             return self._push_top(scores, first_id)
         body = scores[:, : GROUP * G].view(rows, GROUP, G)  # group c holds keys c, c + G, c + 2G, ...
         row, group = (body.amax(1) > self.floor[:, None]).nonzero(as_tuple=True)  # sorted by row
-        if row.numel() > rows * G // 4:
+        if row.numel() > rows * G * DENSE:
             return self._push_top(scores, first_id)
         self._add(scores, ((row * n + group)[:, None] + G * torch.arange(GROUP)).flatten(), first_id)
         if GROUP * G < n:  # the tail left out of the groups, < 16 * GROUP keys
@@ -381,25 +382,29 @@ class ExactIndex(MemoryIndex):
         for first_id, keys, valid in self._tiles(step):
             if gather is not None:
                 index = gather.to(keys.device)
-                keys, valid = keys[index], valid[index]
+                keys, valid = keys[index], None if valid is None else valid[index]
             n = keys.shape[2]
             if buffer.device != keys.device or buffer.numel() < Bm * H * R * n:
                 buffer = torch.empty(Bm * H * R * n, device=keys.device)
             scores = buffer[: Bm * H * R * n].view(Bm, H, R, n)
             _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
-            if keys.device.type != "cpu" or not valid.all():  # on the CPU, skip a pass when nothing is padding
+            if valid is not None:
                 scores.masked_fill_(~valid[:, None, None, :], -math.inf)
             top.push(scores.view(Bm * H * R, n), first_id)
         scores, ids = top.result(Bm * H * R, buffer.device if buffer.numel() else q.device)
         return scores.view(Bm, H, R, k), ids.view(Bm, H, R, k)
 
-    def _tiles(self, step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """The live part of `source()` as views `(first_id, keys [B, H, n, D], valid [B, n] bool)`, n <= step."""
+    def _tiles(self, step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """The live part of `source()` as views `(first_id, keys [B, H, n, D], valid [B, n] bool)`, n <= step.
+
+        `valid` is None for a block without padding on the CPU, where checking once saves a pass over every tile.
+        """
         for first_id, keys, valid in self.source():
+            valid = None if valid.device.type == "cpu" and valid.all() else valid.bool()
             for lo, hi in self._live.intersect(first_id, first_id + keys.shape[2]):
                 for start in range(lo, hi, step):
-                    n = min(step, hi - start)
-                    yield start, keys.narrow(2, start - first_id, n), valid.narrow(1, start - first_id, n).bool()
+                    offset, n = start - first_id, min(step, hi - start)
+                    yield start, keys.narrow(2, offset, n), None if valid is None else valid.narrow(1, offset, n)
 
 
 class _HnswIndex(MemoryIndex):
@@ -411,11 +416,12 @@ class _HnswIndex(MemoryIndex):
     keys of small norm almost unreachable: on the demo model's keys their recall@128 fell to 0.44 at 1M keys.
     `R` is `RADIUS_HEADROOM` times the largest key norm seen; a key beyond it rebuilds the graphs with a new `R`.
 
-    Options: `M` (graph degree, default 32), `ef_search` (candidate list of a search, default 128, raised to k),
+    Options: `M` (graph degree, default 32), `ef_search` (candidate list of a search, default 4096, raised to k:
+    recall@128 on the demo model's keys was 0.93 at 1M keys with 4096, 0.88 with 2048, 0.81 with 1024),
     `ef_construction` (candidate list while inserting, default 100). Threads: `torch.get_num_threads()`.
     """
 
-    defaults = {"M": 32, "ef_search": 128, "ef_construction": 100}
+    defaults = {"M": 32, "ef_search": 4096, "ef_construction": 100}
 
     def __init__(self, source: Source, **options):
         super().__init__(source, **options)

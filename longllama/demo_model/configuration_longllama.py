@@ -47,7 +47,7 @@ class LongLlamaConfig(LlamaConfig):
             Top-k search backend: `"exact"` (blockwise matmul + top-k in torch), or the approximate `"faiss"` /
             `"hnswlib"` (HNSW graphs; `pip install "longllama[faiss]"` / `"longllama[hnswlib]"`).
         mem_index_options (`dict`, *optional*):
-            Options of the backend, e.g. `{"M": 32, "ef_search": 128}` for the HNSW backends.
+            Options of the backend, e.g. `{"M": 32, "ef_search": 4096}` for the HNSW backends.
         mem_max_tokens (`int`, *optional*):
             Bound on the entries each memory layer keeps (per row, padding included). Beyond it the oldest entries
             are evicted first-in first-out, except the first `mem_keep_first`. At least one window plus
