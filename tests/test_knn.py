@@ -134,8 +134,9 @@ def test_exact_beam_rows():
 
 
 @pytest.mark.parametrize("rows", [[1, 0], [1, 1, 0], [0, 0, 1, 1, 1]])  # a permutation, a gather, an uneven split
-def test_exact_arbitrary_rows(rows):
-    memory = Memory()
+@pytest.mark.parametrize("padding", [0.0, 0.2])
+def test_exact_arbitrary_rows(rows, padding):
+    memory = Memory(padding=padding)
     index = memory.index("exact")
     rows = torch.tensor(rows)
     queries = memory.queries(Bq=len(rows))
