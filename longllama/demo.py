@@ -31,11 +31,11 @@ def demo_checkpoint() -> str:
 
 
 def write_checkpoint(model_dir: Path, tokenizer_dir: Path, out: Path, card: str = "",
-                     last_context_length: int | None = None) -> None:
+                     last_context_length: int | None = None, mem_top_k: int | None = None) -> None:
     """Write a self-contained LongLLaMA checkpoint to `out` (replaced whole, atomically): the model of `model_dir`
     (a `longllama-train` output), the sentencepiece tokenizer of `tokenizer_dir` (named `LongLlamaTokenizer`),
-    the remote-code files and a README with `card`; `last_context_length` overrides the config's (an inference
-    setting: training never reads it)."""
+    the remote-code files and a README with `card`; `last_context_length` and `mem_top_k` override the config's
+    (inference settings: training never reads them)."""
     from . import modeling
     from .conversion.convert import CODE_FILES, write_tokenizer_config
 
@@ -45,12 +45,17 @@ def write_checkpoint(model_dir: Path, tokenizer_dir: Path, out: Path, card: str 
     partial.mkdir(parents=True)
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy2(model_dir / name, partial / name)
+    config = json.loads((partial / "config.json").read_text())
     if last_context_length is not None:
-        config = json.loads((partial / "config.json").read_text())
         if not 0 < last_context_length <= config["max_position_embeddings"]:
             raise ValueError(f"last_context_length={last_context_length} must be in [1, the window "
                              f"{config['max_position_embeddings']}].")
         config["last_context_length"] = last_context_length
+    if mem_top_k is not None:
+        if mem_top_k < 1:
+            raise ValueError(f"mem_top_k={mem_top_k} must be a positive number of memory keys per query.")
+        config["mem_top_k"] = mem_top_k
+    if last_context_length is not None or mem_top_k is not None:
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.copy2(tokenizer_dir / "tokenizer.model", partial / "tokenizer.model")
     write_tokenizer_config(tokenizer_dir, partial, longllama_tokenizer=True)
