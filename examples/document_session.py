@@ -46,7 +46,8 @@ def build_document(tokenizer, tokens: int, keys: dict[str, int]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=20_000, help="document length in tokens (default 20000)")
-    parser.add_argument("--top-k", type=int, help="kNN retrieval: memory keys per query (default: all of memory)")
+    parser.add_argument("--top-k", type=int,
+                        help="kNN retrieval: memory keys per query (default: the model's mem_top_k; 64 for the demo)")
     parser.add_argument("--session-dir", help="where to save the session (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
     parser.add_argument("--model", help="a LongLLaMA checkpoint directory (default: the bundled demo model)")
