@@ -53,6 +53,13 @@ def run_worker(script: str, spec: dict, timeout: float | None) -> dict:
     return result
 
 
+def parse_tokens(text: str) -> int:
+    """A token count: `4096`, `4k` (x1024), `1M` (x1048576)."""
+    text = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
 def format_table(title: str, headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     line = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731

@@ -44,7 +44,7 @@ import os
 import sys
 import time
 
-from harness import current_rss, emit_result, format_table, peak_rss, run_worker
+from harness import current_rss, emit_result, format_table, parse_tokens, peak_rss, run_worker
 
 CONFIG = dict(
     vocab_size=32000,
@@ -434,11 +434,6 @@ def plot(results: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-
-
-def parse_tokens(text: str) -> int:
-    text = text.strip().lower()
-    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
 
 
 def load_results(path: str) -> dict:

@@ -52,7 +52,7 @@ import random
 import sys
 import time
 
-from harness import current_rss, emit_result, format_table, peak_rss, run_worker
+from harness import current_rss, emit_result, format_table, parse_tokens, peak_rss, run_worker
 
 SEED = 0
 SPEED_RATIO_TARGET = 3.0
@@ -435,12 +435,6 @@ def plot(results: dict, path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------- main
-
-
-def parse_tokens(text: str) -> int:
-    text = text.strip().lower()
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def load_results(path: str) -> dict:
