@@ -207,6 +207,8 @@ class MemoryChunk:
     `[B, n]` is False for padding.
     """
 
+    BUFFERS = ("keys", "values", "key_scale", "value_scale", "valid")  # the order of `append`'s arguments
+
     def __init__(self, first_id: int, limit: int, quantized: bool):
         self.first_id, self.limit, self.start = first_id, limit, 0
         page = max(1, limit // CHUNK_PAGES)  # a chunk grows page by page: at most one page is allocated unused
@@ -246,7 +248,7 @@ class MemoryChunk:
         return dequantize(self.view(name), self.view(scale), dtype)
 
     def _buffers(self) -> list:
-        return [self.keys, self.values, self.key_scale, self.value_scale, self.valid]
+        return [getattr(self, name) for name in self.BUFFERS]
 
     @property
     def nbytes(self) -> int:
@@ -531,9 +533,6 @@ class LongLlamaMemoryLayer(LongLlamaLocalLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.memory_store.select_rows(indices)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
 
     def _buffers(self) -> list[SequenceBuffer]:
         return super()._buffers() + [self._raw_keys]

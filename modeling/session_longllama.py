@@ -176,7 +176,7 @@ def _layer_state(layer, prefix: str, tensors: dict) -> dict:
             if chunk.live == 0:
                 continue
             c = len(chunks)
-            for name in ("keys", "values", "key_scale", "value_scale", "valid"):
+            for name in MemoryChunk.BUFFERS:
                 if getattr(chunk, name) is not None:
                     tensors[f"{prefix}.chunks.{c}.{name}"] = chunk.view(name)
             chunks.append({"segment": s, "first_id": chunk.first_id + chunk.start, "limit": chunk.limit})
@@ -199,8 +199,9 @@ def _load_layer(layer, state: dict, prefix: str, tensors: dict, device: torch.de
         rows = tensors[f"{prefix}.segments.{s}.rows"].to(memory_device) if segment_state["rows"] else None
         store.segments.append(MemorySegment(rows))
     for c, chunk_state in enumerate(state["chunks"]):
-        parts = [tensors.get(f"{prefix}.chunks.{c}.{name}") for name in ("keys", "values", "key_scale", "value_scale")]
-        valid = tensors[f"{prefix}.chunks.{c}.valid"]
+        *parts, valid = [tensors.get(f"{prefix}.chunks.{c}.{name}") for name in MemoryChunk.BUFFERS]
+        if valid is None:
+            raise KeyError(f"{prefix}.chunks.{c}.valid")
         if parts[0].dtype != store.storage_dtype:
             raise ValueError(f"memory stored as {parts[0].dtype}, but this model stores {store.storage_dtype}")
         # the same chunk size as when saved: same allocation, same strides, the same arithmetic afterwards
