@@ -100,6 +100,20 @@ def test_exact_matches_brute_force(monkeypatch, k, tile):
     assert index.ntotal == 1000
 
 
+@pytest.mark.parametrize("dense", [0.0, 2.0])  # every key of a tile compared with the floor, or only passing groups
+def test_exact_running_top_k_filters(monkeypatch, dense):
+    """Tiles after the first yield only the keys that beat the running k-th score, found either way; a tail of keys
+    outside the groups, padding, and a second search on the reused score tile."""
+    monkeypatch.setattr(knn_longllama, "DENSE", dense)
+    monkeypatch.setattr(knn_longllama, "SCORE_TILE", 2**14)  # a tile per 300-key block: 256 keys in groups, 44 not
+    memory = Memory(B=2, H=2, n=3000, D=16, padding=0.1)
+    index = memory.index("exact")
+    for r in (8, 1):
+        queries = memory.queries(r=r, seed=r)
+        assert_same(index.search(queries, 50), brute_force(memory, queries, 50))
+    assert_same(index.search(queries, 50), brute_force(memory, queries, 50))
+
+
 def test_exact_single_query_and_long_blocks():
     """One query per key set, blocks longer than a tile: the matrix-vector path and several tiles per block."""
     memory = Memory(B=1, H=1, n=5000, D=32, block=4096, padding=0.0)

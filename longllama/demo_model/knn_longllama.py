@@ -19,6 +19,7 @@ Backends, built by `make_index(name, source, **options)`:
 
 import importlib
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
@@ -44,6 +45,20 @@ MATVEC_SPLIT = 8
 DENSE = 0.25
 # The approximate backends' transform radius R is this many times the largest key norm seen (see `_HnswIndex`).
 RADIUS_HEADROOM = 1.25
+
+
+_score_tiles = threading.local()  # per thread: {device: fp32 buffer}, see `_score_tile`
+
+
+def _score_tile(numel: int, device: torch.device) -> torch.Tensor:
+    """A reusable fp32 buffer of `numel` elements on `device`, one per thread and device, kept between searches (about
+    `SCORE_TILE` elements, 16 MiB): on the CPU a fresh tile costs page faults on every search, as much as a decode
+    step's matrix-vector product."""
+    tiles = _score_tiles.__dict__.setdefault("by_device", {})
+    tile = tiles.get(device)
+    if tile is None or tile.numel() < numel:
+        tile = tiles[device] = torch.empty(numel, device=device)
+    return tile[:numel]
 
 
 def _library(name: str):
@@ -120,9 +135,10 @@ class _RunningTopK:
 
     `torch.topk` is slow on the CPU, so once the running top-k is known (`floor`: each row's k-th best score so far)
     a tile only yields its keys that beat the floor, as faiss's per-key heap test does: the tile is cut into `GROUP`
-    strided groups of keys, and only the groups whose maximum beats the floor are looked at. After the first tiles
-    a few keys per row pass; they wait as flat (row, slot, score, id) candidates and are merged with `_topk` once
-    they reach `MERGE_FACTOR * k` per row on average. On GPUs, and when many groups pass, tiles go through `_topk`.
+    strided groups of keys, and only the groups whose maximum beats the floor are looked at (when more than `DENSE`
+    of the groups pass, every key is compared instead). After the first tiles a few keys per row pass; they wait as
+    flat (row, slot, score, id) candidates and are merged with `_topk` once they reach `MERGE_FACTOR * k` per row on
+    average. The first tile, and every tile on GPUs, goes through `_topk`.
     """
 
     def __init__(self, k: int):
@@ -142,24 +158,31 @@ class _RunningTopK:
             return self._push_top(scores, first_id)
         body = scores[:, : GROUP * G].view(rows, GROUP, G)  # group c holds keys c, c + G, c + 2G, ...
         row, group = (body.amax(1) > self.floor[:, None]).nonzero(as_tuple=True)  # sorted by row
-        if row.numel() > rows * G * DENSE:
-            return self._push_top(scores, first_id)
-        self._add(scores, ((row * n + group)[:, None] + G * torch.arange(GROUP)).flatten(), first_id)
+        if row.numel() > rows * G * DENSE:  # many groups pass: one comparison of every key is cheaper
+            return self._add(scores, *(scores > self.floor[:, None]).nonzero(as_tuple=True), first_id, beat=True)
+        members = torch.arange(0, GROUP * G, G)
+        self._add(scores, row.repeat_interleave(GROUP), (group[:, None] + members).flatten(), first_id)
         if GROUP * G < n:  # the tail left out of the groups, < 16 * GROUP keys
             row, column = (scores[:, GROUP * G :] > self.floor[:, None]).nonzero(as_tuple=True)
-            self._add(scores, row * n + GROUP * G + column, first_id)
+            self._add(scores, row, column + GROUP * G, first_id, beat=True)
 
     def _push_top(self, scores: torch.Tensor, first_id: int) -> None:
         values, positions = _topk(scores, min(self.k, scores.shape[1]))
-        self._merge(values, positions + first_id)
+        if self.scores is None and not self.pending and values.shape[1] == self.k:  # the first tile: nothing to merge
+            self.scores, self.ids, self.floor = values, positions + first_id, values[:, -1]
+            self.counts = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+        else:
+            self._merge(values, positions + first_id)
 
-    def _add(self, scores: torch.Tensor, positions: torch.Tensor, first_id: int) -> None:
-        """Queue the keys at flat `positions` of the tile `scores` `[rows, n]` (sorted by row) that beat the floor."""
-        n = scores.shape[1]
-        values = scores.reshape(-1)[positions]
-        row = positions // n
-        keep = (values > self.floor[row]).nonzero().squeeze(1)
-        row, values, ids = row[keep], values[keep], positions[keep] % n + first_id
+    def _add(self, scores: torch.Tensor, row: torch.Tensor, column: torch.Tensor, first_id: int,
+             beat: bool = False) -> None:
+        """Queue the keys `(row, column)` of the tile `scores` `[rows, n]` (sorted by row) that beat the floor
+        (`beat`: all of them do)."""
+        values = scores.reshape(-1)[row * scores.shape[1] + column]
+        if not beat:
+            keep = (values > self.floor[row]).nonzero().squeeze(1)
+            row, values, column = row[keep], values[keep], column[keep]
+        ids = column + first_id
         counts = torch.bincount(row, minlength=self.counts.numel())
         slot = torch.arange(row.numel()) - (counts.cumsum(0) - counts)[row] + self.counts[row]
         self.pending.append((row, slot, values, ids))
@@ -378,20 +401,18 @@ class ExactIndex(MemoryIndex):
         Bm, H, R, D = q.shape
         step = max(MIN_TILE_KEYS, SCORE_TILE // max(1, Bm * H * R)) // MIN_TILE_KEYS * MIN_TILE_KEYS
         top = _RunningTopK(k)
-        buffer = torch.empty(0)  # one score tile, reused: page faults on a fresh tile cost as much as its matmul
+        device = q.device
         for first_id, keys, valid in self._tiles(step):
             if gather is not None:
                 index = gather.to(keys.device)
                 keys, valid = keys[index], None if valid is None else valid[index]
-            n = keys.shape[2]
-            if buffer.device != keys.device or buffer.numel() < Bm * H * R * n:
-                buffer = torch.empty(Bm * H * R * n, device=keys.device)
-            scores = buffer[: Bm * H * R * n].view(Bm, H, R, n)
-            _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
+            device, n = keys.device, keys.shape[2]
+            scores = _score_tile(Bm * H * R * n, device).view(Bm, H, R, n)
+            _inner_products(q.to(device, torch.float32), keys.float(), out=scores)
             if valid is not None:
                 scores.masked_fill_(~valid[:, None, None, :], -math.inf)
             top.push(scores.view(Bm * H * R, n), first_id)
-        scores, ids = top.result(Bm * H * R, buffer.device if buffer.numel() else q.device)
+        scores, ids = top.result(Bm * H * R, device)
         return scores.view(Bm, H, R, k), ids.view(Bm, H, R, k)
 
     def _tiles(self, step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
@@ -400,7 +421,9 @@ class ExactIndex(MemoryIndex):
         `valid` is None for a block without padding on the CPU, where checking once saves a pass over every tile.
         """
         for first_id, keys, valid in self.source():
-            valid = None if valid.device.type == "cpu" and valid.all() else valid.bool()
+            valid = valid.bool()
+            if valid.device.type == "cpu" and (valid.numel() == 0 or bool(valid.view(torch.uint8).min())):
+                valid = None  # bool reductions are slow on the CPU; the same bytes as uint8 are not
             for lo, hi in self._live.intersect(first_id, first_id + keys.shape[2]):
                 for start in range(lo, hi, step):
                     offset, n = start - first_id, min(step, hi - start)
