@@ -289,6 +289,28 @@ def test_corrupted_or_missing_session_is_refused(tmp_path):
         LongLlamaCache.load(tmp_path / "session", model)
 
 
+@pytest.mark.parametrize("edit", ["segment", "chunks", "layers", "length"])
+def test_hand_edited_session_file_is_refused(tmp_path, edit):
+    """`session.json` edited so that it no longer describes the (intact) tensors: a clear error, never a crash deep
+    inside loading or a cache that silently differs."""
+    model = tiny_model(1, mem_layers=[1, 2])
+    run(model, random_ids(1, L + 3 * W)).cache.save(tmp_path / "session")
+    path = tmp_path / "session" / "session.json"
+    session = json.loads(path.read_text())
+    state = session["layers"][1]
+    if edit == "segment":
+        state["chunks"][0]["segment"] = 7
+    elif edit == "chunks":
+        state["chunks"].append({"segment": 0, "first_id": 999, "limit": 64})
+    elif edit == "layers":
+        session["layers"][1] = None
+    else:
+        state["length"] += 1
+    path.write_text(json.dumps(session))
+    with pytest.raises(ValueError, match="consistent LongLLaMA session"):
+        LongLlamaCache.load(tmp_path / "session", model)
+
+
 def test_save_never_overwrites_other_data_and_replaces_a_session_whole(tmp_path):
     model = tiny_model(1, mem_layers=[1, 2])
     cache = run(model, random_ids(1, 30)).cache

@@ -147,7 +147,8 @@ def load_session(path: str, model) -> LongLlamaCache:
         if "local_valid" in tensors:
             cache.local_valid = tensors["local_valid"].to(model.device)
             cache.position_origin = tensors["position_origin"].to(model.device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+        # a session.json edited by hand (its tensors' checksum intact) that no longer matches the tensors
         raise ValueError(f"{path} does not hold a consistent LongLLaMA session ({error!r}): save it again.") from error
     return cache
 
