@@ -159,12 +159,13 @@ class _RunningTopK:
         body = scores[:, : GROUP * G].view(rows, GROUP, G)  # group c holds keys c, c + G, c + 2G, ...
         row, group = (body.amax(1) > self.floor[:, None]).nonzero(as_tuple=True)  # sorted by row
         if row.numel() > rows * G * DENSE:  # many groups pass: one comparison of every key is cheaper
-            return self._add(scores, *(scores > self.floor[:, None]).nonzero(as_tuple=True), first_id, beat=True)
-        members = torch.arange(0, GROUP * G, G)
-        self._add(scores, row.repeat_interleave(GROUP), (group[:, None] + members).flatten(), first_id)
+            return self._add(scores, *(scores > self.floor[:, None]).nonzero(as_tuple=True), first_id)
+        values = body[row, :, group]  # [passing groups, GROUP]: the members' scores
+        keep, member = (values > self.floor[row, None]).nonzero(as_tuple=True)  # still sorted by row
+        self._queue(row[keep], group[keep] + member * G, values[keep, member], first_id)
         if GROUP * G < n:  # the tail left out of the groups, < 16 * GROUP keys
             row, column = (scores[:, GROUP * G :] > self.floor[:, None]).nonzero(as_tuple=True)
-            self._add(scores, row, column + GROUP * G, first_id, beat=True)
+            self._add(scores, row, column + GROUP * G, first_id)
 
     def _push_top(self, scores: torch.Tensor, first_id: int) -> None:
         values, positions = _topk(scores, min(self.k, scores.shape[1]))
@@ -174,14 +175,12 @@ class _RunningTopK:
         else:
             self._merge(values, positions + first_id)
 
-    def _add(self, scores: torch.Tensor, row: torch.Tensor, column: torch.Tensor, first_id: int,
-             beat: bool = False) -> None:
-        """Queue the keys `(row, column)` of the tile `scores` `[rows, n]` (sorted by row) that beat the floor
-        (`beat`: all of them do)."""
-        values = scores.reshape(-1)[row * scores.shape[1] + column]
-        if not beat:
-            keep = (values > self.floor[row]).nonzero().squeeze(1)
-            row, values, column = row[keep], values[keep], column[keep]
+    def _add(self, scores: torch.Tensor, row: torch.Tensor, column: torch.Tensor, first_id: int) -> None:
+        """Queue the keys `(row, column)` of the tile `scores` `[rows, n]` (sorted by row), which beat the floor."""
+        self._queue(row, column, scores.reshape(-1)[row * scores.shape[1] + column], first_id)
+
+    def _queue(self, row: torch.Tensor, column: torch.Tensor, values: torch.Tensor, first_id: int) -> None:
+        """Add candidates (row, tile column, score), sorted by row, to the pending ones; merge when there are enough."""
         ids = column + first_id
         counts = torch.bincount(row, minlength=self.counts.numel())
         slot = torch.arange(row.numel()) - (counts.cumsum(0) - counts)[row] + self.counts[row]
