@@ -13,8 +13,9 @@ The curriculum (retrieval does not emerge easily in tiny models trained from scr
    here. The memory layer has no rotary, so the lookup it learns inside the window also reads memory keys.
 3. `fot` (1,500 steps): documents of up to several windows (key lines in earlier windows, the question anywhere),
    k = 4, FoT crossbatch with negatives from other streams, d raised 3 -> 7 -> 15 (`--cross-batch-schedule`).
-   `positives` is the same stage with positives only (the ablation in docs/demo_model.md):
-   `--stages local,copy,fot,positives`.
+   `positives` is the same stage with positives only (the ablation in docs/demo_model.md), and `documents` the same
+   with memory bounded by the document (`--mode memory`: one document per pack of 4 rows, left-padded, documents
+   longer than 4 windows keep their last 1,024 tokens): `--stages local,copy,fot,positives,documents`.
 
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
@@ -54,6 +55,8 @@ STAGES = {  # name: (start from, data, steps, longllama-train flags)
                                    "--cross-batch-schedule", "300:7,700:15"]),
     "positives": ("copy", "fot", 1500, ["--batch-size", "16", "--pack-size", "4", "--cross-batch-range", "3",
                                          "--positives-only"]),
+    # positives bounded by the document: one document per pack (memory fine-tuning layout), no negatives at all
+    "documents": ("copy", "fot", 1500, ["--mode", "memory", "--batch-size", "16", "--pack-size", "4"]),
 }
 
 
@@ -151,8 +154,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for data, runs and the result")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the tokenizer and the training")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of every stage")
-    parser.add_argument("--stages", default="local,copy,fot", help="stages to run, in order (add 'positives' for "
-                        "the ablation)")
+    parser.add_argument("--stages", default="local,copy,fot", help="stages to run, in order (add 'positives' and "
+                        "'documents' for the ablation)")
     parser.add_argument("--install", action="store_true", help="copy the fot model and tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
