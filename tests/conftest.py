@@ -1,13 +1,20 @@
 """Shared fixtures: tiny random LongLLaMA models (no downloads; everything is built in-process)."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from transformers import LlamaConfig
 
+import longllama.modeling
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+MODELING_DIR = Path(longllama.modeling.__file__).parent
+# The remote code every checkpoint must carry: each `*_longllama.py` of the package (the tokenizer's file only goes
+# with a sentencepiece model), read from the directory so that a new module the converter forgets fails the tests.
+CODE_FILES = sorted(p.name for p in MODELING_DIR.glob("*_longllama.py") if p.name != "tokenization_longllama.py")
 
 
 # The start of a child script in which `import longllama` fails (installed before every other finder, the editable

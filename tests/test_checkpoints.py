@@ -16,21 +16,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import longllama
+import longllama  # noqa: F401  (registers the longllama model type)
 from longllama import LongLlamaForCausalLM
 from longllama.modeling.memory_longllama import LongLlamaMemoryLayer
 
-from conftest import IMPORT_BLOCKER, llama_config_like, tiny_model
+from conftest import CODE_FILES, IMPORT_BLOCKER, MODELING_DIR, llama_config_like, tiny_model
 
-MODELING_DIR = Path(longllama.modeling.__file__).parent
-CODE_FILES = [
-    "configuration_longllama.py",
-    "modeling_longllama.py",
-    "memory_longllama.py",
-    "attention_longllama.py",
-    "knn_longllama.py",
-    "session_longllama.py",
-]
 # tiny_config: window 8, last_context_length 4; 30 tokens are 4 windows to memory plus the final local window
 NUM_TOKENS = 30
 

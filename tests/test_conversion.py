@@ -26,14 +26,8 @@ from longllama.conversion.convert import (
     main,
 )
 
-CODE_FILES = [
-    "configuration_longllama.py",
-    "modeling_longllama.py",
-    "memory_longllama.py",
-    "attention_longllama.py",
-    "knn_longllama.py",
-    "session_longllama.py",
-]
+from conftest import CODE_FILES
+
 TOKENS = 6  # <= last_context_length below: the converted model must equal the source Llama exactly
 
 
