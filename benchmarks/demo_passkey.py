@@ -35,7 +35,7 @@ from transformers.utils import logging
 from longllama import LongLlamaForCausalLM, demo_checkpoint
 from longllama.data import encode_document, load_tokenizer
 from longllama.evaluation import span_attention_mass
-from longllama.passkey import PasskeyPrompts, is_correct, key_line, parse_lengths, plan_trials, run_passkey
+from longllama.passkey import PasskeyPrompts, answer_prompt, key_line, parse_lengths, plan_trials, run_passkey
 from longllama.synthetic import KEY_NAMES, CopyTask, PasskeyTask
 
 DISTRACTORS = {
@@ -80,12 +80,11 @@ def other_documents(tokenizer, tokens: int, kind: str, rng: random.Random) -> li
 
 def evaluate_documents(name: str, model, tokenizer, args) -> list[dict]:
     """The passkey prompt of `args.lengths[0]` tokens after each of `args.distractor_tokens` tokens of other documents:
-    greedy generation (as `run_passkey`) and the key line's attention mass for the first `args.mass_trials` trials."""
+    greedy generation (`answer_prompt`, as `run_passkey`) and the key line's attention mass for the first `args.mass_trials` trials."""
     from tqdm.auto import tqdm
 
     prompts = PasskeyPrompts(tokenizer)
     plan = plan_trials(args.lengths, args.depths, args.trials, args.seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
     for tokens in args.distractor_tokens:
         rng = random.Random(args.seed)  # the same documents for every model
@@ -96,12 +95,9 @@ def evaluate_documents(name: str, model, tokenizer, args) -> list[dict]:
             result = {"model": name, "distractors": args.distractors, "distractor_tokens": tokens,
                       "length": len(ids), "depth": trial.depth, "key": trial.key}
             if not args.mass_only:
-                with torch.no_grad():
-                    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                         do_sample=False, num_beams=1, max_new_tokens=len(answer) + 4, pad_token_id=pad)
-                generated = out[0, len(ids) :].tolist()
-                result["correct"] = is_correct(generated, answer)
-                result["predicted"] = tokenizer.decode(generated, skip_special_tokens=True)
+                result.update(answer_prompt(model, tokenizer, ids, answer))
+                for field in ("answer_ids", "generated_ids"):
+                    del result[field]
             if i < args.mass_trials:
                 span = key_line_span(prompts, ids, trial.key)
                 result["positive_attention_mass"] = span_attention_mass(

@@ -282,6 +282,14 @@ def run_trial(model, tokenizer, prompts: PasskeyPrompts, trial: Trial, extra_new
               last_context_length: int | None = None) -> dict:
     """One greedy generation; returns the result record (see `run_passkey`)."""
     input_ids, answer = prompts.build(trial.length, trial.depth, trial.key)
+    return {"length": trial.length, "depth": trial.depth, "key": trial.key,
+            **answer_prompt(model, tokenizer, input_ids, answer, extra_new_tokens, last_context_length)}
+
+
+def answer_prompt(model, tokenizer, input_ids: list[int], answer: list[int], extra_new_tokens: int = 4,
+                  last_context_length: int | None = None) -> dict:
+    """Greedy `generate()` on one prompt, scored against the key's tokens `answer`: `predicted`, `correct`,
+    `seconds`, `tokens_per_s`, `answer_ids`, `generated_ids` (see `run_passkey`)."""
     ids = torch.tensor([input_ids], device=getattr(model, "device", "cpu"))
     kwargs = {} if last_context_length is None else {"last_context_length": last_context_length}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -294,7 +302,6 @@ def run_trial(model, tokenizer, prompts: PasskeyPrompts, trial: Trial, extra_new
     seconds = max(time.perf_counter() - start, 1e-9)
     generated = out[0, len(input_ids) :].tolist()
     return {
-        "length": trial.length, "depth": trial.depth, "key": trial.key,
         "predicted": tokenizer.decode(generated, skip_special_tokens=True), "correct": is_correct(generated, answer),
         "seconds": seconds, "tokens_per_s": len(input_ids) / seconds,
         "answer_ids": answer, "generated_ids": generated,
@@ -575,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "DEFAULT_DEPTHS", "FILLER", "QUESTION", "TASK", "PasskeyPrompts", "Trial", "accuracy_table", "is_correct",
-    "key_line", "main", "passkey_prompt", "question_line", "plan_trials", "plot_accuracy", "prompt_text", "run_passkey",
+    "DEFAULT_DEPTHS", "FILLER", "QUESTION", "TASK", "PasskeyPrompts", "Trial", "accuracy_table", "answer_prompt",
+    "is_correct", "key_line", "main", "passkey_prompt", "question_line", "plan_trials", "plot_accuracy", "prompt_text",
+    "run_passkey",
 ]
 
 
