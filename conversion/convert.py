@@ -31,6 +31,7 @@ CODE_FILES = (
     "memory_longllama.py",
     "attention_longllama.py",
     "knn_longllama.py",
+    "kernel_longllama.py",
     "session_longllama.py",
 )
 TOKENIZER_FILES = (

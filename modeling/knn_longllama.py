@@ -10,20 +10,25 @@ padding entries (`valid` False) take an id but are never returned.
 
 Backends, built by `make_index(name, source, **options)`:
 
-- `"exact"` (`ExactIndex`): the reference. It stores nothing; every search scans `source()` in fp32 tiles with a
-  running top-k, on the device where the memory lives.
+- `"exact"` (`ExactIndex`): the reference. It stores nothing; every search scans `source()` in fp32 with a running
+  top-k, on the device where the memory lives: on the CPU with a small C kernel (`kernel_longllama`) where a compiler
+  is found, otherwise (and on GPUs) in torch.
 - `"faiss"` (`FaissIndex`) and `"hnswlib"` (`HnswlibIndex`): one HNSW graph per key set, on the CPU. They trade
   recall for speed: a search visits O(log n) keys instead of n and may miss some of the true top k. They read
   `source()` only to rebuild after evictions. The libraries are optional and imported on first use.
 """
 
 import importlib
+import itertools
 import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
+
+from .kernel_longllama import MAX_K as KERNEL_MAX_K
+from .kernel_longllama import KernelTopK, topk_kernel
 
 Source = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
 
@@ -43,6 +48,9 @@ GROUP = 8
 MERGE_FACTOR = 1
 MATVEC_SPLIT = 8
 DENSE = 0.25
+# With the C kernel, up to this many queries per key set compute their products in the kernel, in one pass over the
+# keys (faster than matmul tiles up to about 256 queries on 2 AVX2 cores); more go through torch's matmul tile by tile.
+FUSED_QUERIES = 128
 # The approximate backends' transform radius R is this many times the largest key norm seen (see `_HnswIndex`).
 RADIUS_HEADROOM = 1.25
 
@@ -370,10 +378,11 @@ def _inner_products(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> N
 class ExactIndex(MemoryIndex):
     """Exact top-k, the reference backend. Stores nothing: each search scans `source()`.
 
-    Scores are fp32 matmul tiles of about `SCORE_TILE` entries, computed on the memory's device; padding is masked to
-    -inf and every tile is merged into a running top-k (`_RunningTopK`). Beam-search rows
-    (`arange(B).repeat_interleave(G)`) are folded into the query axis, so keys are never copied; other `rows` gather
-    the keys of each tile. Options: none.
+    Memory on the CPU, with the C kernel available (`kernel_longllama.topk_kernel()`): `_scan_kernel`. Otherwise
+    scores are fp32 matmul tiles of about `SCORE_TILE` entries, computed on the memory's device; padding is masked to
+    -inf and every tile is merged into a running top-k (`_RunningTopK`). Both give the same results up to float
+    rounding. Beam-search rows (`arange(B).repeat_interleave(G)`) are folded into the query axis, so keys are never
+    copied; other `rows` gather the keys of each tile. Options: none.
     """
 
     name = "exact"
@@ -382,16 +391,16 @@ class ExactIndex(MemoryIndex):
         B = self._shape[0]
         Bq, H, r, D = queries.shape
         G = _beam_group(rows, B)
-        if G is not None:
+        if G is not None and G > 1:
             q = queries.unflatten(0, (B, G)).transpose(1, 2).reshape(B, H, G * r, D)  # [B, H, G*r, D]
-            gather = None
         else:
-            q, gather = queries, rows
+            q = queries
+        gather = None if G is not None else rows
         Bm, R = q.shape[0], q.shape[2]
         chunk = max(1, SCORE_TILE // (Bm * H * MIN_TILE_KEYS))  # queries per pass over the memory
         results = [self._scan(q[:, :, i : i + chunk], k, gather) for i in range(0, R, chunk)]
-        scores, ids = (torch.cat(x, 2) for x in zip(*results))  # [Bm, H, R, k]
-        if G is not None:
+        scores, ids = results[0] if len(results) == 1 else (torch.cat(x, 2) for x in zip(*results))  # [Bm, H, R, k]
+        if G is not None and G > 1:
             scores, ids = (x.unflatten(2, (G, r)).transpose(1, 2).reshape(Bq, H, r, k) for x in (scores, ids))
         return scores.to(queries.device), ids.to(queries.device)
 
@@ -399,9 +408,16 @@ class ExactIndex(MemoryIndex):
         """Running top-k of `q` `[Bm, H, R, D]` over every live key of `source()` (of memory rows `gather`)."""
         Bm, H, R, D = q.shape
         step = max(MIN_TILE_KEYS, SCORE_TILE // max(1, Bm * H * R)) // MIN_TILE_KEYS * MIN_TILE_KEYS
+        tiles = self._tiles(step)
+        first = next(tiles, None)
+        tiles = tiles if first is None else itertools.chain([first], tiles)
+        on_cpu = first is None or first[1].device.type == "cpu"  # search where the memory lives
+        lib = topk_kernel() if on_cpu and k <= KERNEL_MAX_K else None
+        if lib is not None:
+            return self._scan_kernel(KernelTopK(lib, Bm * H * R, k), q.to("cpu", torch.float32), tiles, gather)
         top = _RunningTopK(k)
         device = q.device
-        for first_id, keys, valid in self._tiles(step):
+        for first_id, keys, valid in tiles:
             if gather is not None:
                 index = gather.to(keys.device)
                 keys, valid = keys[index], None if valid is None else valid[index]
@@ -413,6 +429,26 @@ class ExactIndex(MemoryIndex):
             top.push(scores.view(Bm * H * R, n), first_id)
         scores, ids = top.result(Bm * H * R, device)
         return scores.view(Bm, H, R, k), ids.view(Bm, H, R, k)
+
+    def _scan_kernel(self, top, q, tiles, gather):
+        """`_scan` of memory on the CPU with the C kernel (`kernel_longllama`): a few queries per key set
+        (`FUSED_QUERIES`) have their products computed with the selection, in one pass over the keys; more go through
+        torch's matmul tile by tile, and the kernel selects from each tile."""
+        Bm, H, R, D = q.shape
+        fused = R <= FUSED_QUERIES and D % 8 == 0  # the kernel's SIMD product takes 8 floats at a time
+        for first_id, keys, valid in tiles:
+            keys = keys.to("cpu", torch.float32)  # memory split between the CPU and another device: rare
+            valid = None if valid is None else valid.cpu()
+            if gather is not None:
+                keys, valid = keys[gather], None if valid is None else valid[gather]
+            if fused:
+                top.scan(q, keys, first_id, valid)
+                continue
+            scores = _score_tile(Bm * H * R * keys.shape[2], q.device).view(Bm, H, R, keys.shape[2])
+            _inner_products(q, keys, out=scores)
+            top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
+        scores, ids = top.result()
+        return scores.view(Bm, H, R, -1), ids.view(Bm, H, R, -1)
 
     def _tiles(self, step: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
         """The live part of `source()` as views `(first_id, keys [B, H, n, D], valid [B, n] bool)`, n <= step.

@@ -1,11 +1,15 @@
 """Top-k index backends (modeling/knn_longllama.py) against brute-force ground truth, as faiss tests its indexes."""
 
+import ctypes
 import math
+import os
+import shutil
+import warnings
 
 import pytest
 import torch
 
-from longllama.modeling import knn_longllama
+from longllama.modeling import kernel_longllama, knn_longllama
 from longllama.modeling.knn_longllama import INDEX_BACKENDS, ExactIndex, make_index
 
 APPROXIMATE = ["faiss", "hnswlib"]
@@ -87,9 +91,25 @@ def recall(ids, reference_ids):
 # ---------------------------------------------------------------------------------------------------- exact
 
 
+def has_compiler() -> bool:
+    return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def exact_path(request, monkeypatch):
+    """Run a test with the exact backend's C kernel (`kernel_longllama`) and with its torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernel_longllama, "_kernel", None)
+    elif kernel_longllama.topk_kernel() is None:
+        if has_compiler() and os.environ.get(kernel_longllama.ENV_SWITCH) != "0":
+            pytest.fail("a C compiler is installed but the top-k kernel did not load (see the warning)")
+        pytest.skip("no C compiler: the exact backend runs its torch path only")
+    return request.param
+
+
 @pytest.mark.parametrize("k", [1, 10, 200])
 @pytest.mark.parametrize("tile", [knn_longllama.SCORE_TILE, 2**10])  # one tile per block, or 256-key tiles
-def test_exact_matches_brute_force(monkeypatch, k, tile):
+def test_exact_matches_brute_force(monkeypatch, exact_path, k, tile):
     monkeypatch.setattr(knn_longllama, "SCORE_TILE", tile)
     memory = Memory()
     index = memory.index("exact")
@@ -102,8 +122,9 @@ def test_exact_matches_brute_force(monkeypatch, k, tile):
 
 @pytest.mark.parametrize("dense", [0.0, 2.0])  # every key of a tile compared with the floor, or only passing groups
 def test_exact_running_top_k_filters(monkeypatch, dense):
-    """Tiles after the first yield only the keys that beat the running k-th score, found either way; a tail of keys
-    outside the groups, padding, and a second search on the reused score tile."""
+    """Torch path: tiles after the first yield only the keys that beat the running k-th score, found either way; a tail
+    of keys outside the groups, padding, and a second search on the reused score tile."""
+    monkeypatch.setattr(kernel_longllama, "_kernel", None)
     monkeypatch.setattr(knn_longllama, "DENSE", dense)
     monkeypatch.setattr(knn_longllama, "SCORE_TILE", 2**14)  # a tile per 300-key block: 256 keys in groups, 44 not
     memory = Memory(B=2, H=2, n=3000, D=16, padding=0.1)
@@ -114,7 +135,7 @@ def test_exact_running_top_k_filters(monkeypatch, dense):
     assert_same(index.search(queries, 50), brute_force(memory, queries, 50))
 
 
-def test_exact_single_query_and_long_blocks():
+def test_exact_single_query_and_long_blocks(exact_path):
     """One query per key set, blocks longer than a tile: the matrix-vector path and several tiles per block."""
     memory = Memory(B=1, H=1, n=5000, D=32, block=4096, padding=0.0)
     index = memory.index("exact")
@@ -122,7 +143,7 @@ def test_exact_single_query_and_long_blocks():
     assert_same(index.search(queries, 128), brute_force(memory, queries, 128))
 
 
-def test_exact_padding_is_never_returned():
+def test_exact_padding_is_never_returned(exact_path):
     memory = Memory(B=3, n=600, padding=0.5)
     memory.valid[1] = False
     memory.valid[1, [5, 250, 599]] = True  # row 1: three valid keys
@@ -138,7 +159,7 @@ def test_exact_padding_is_never_returned():
     assert index.ntotal == 600  # padding takes an id
 
 
-def test_exact_beam_rows():
+def test_exact_beam_rows(exact_path):
     """Query rows repeated per beam (`arange(B).repeat_interleave(G)`) search their memory row."""
     memory = Memory()
     index = memory.index("exact")
@@ -149,7 +170,7 @@ def test_exact_beam_rows():
 
 @pytest.mark.parametrize("rows", [[1, 0], [1, 1, 0], [0, 0, 1, 1, 1]])  # a permutation, a gather, an uneven split
 @pytest.mark.parametrize("padding", [0.0, 0.2])
-def test_exact_arbitrary_rows(rows, padding):
+def test_exact_arbitrary_rows(exact_path, rows, padding):
     memory = Memory(padding=padding)
     index = memory.index("exact")
     rows = torch.tensor(rows)
@@ -157,7 +178,7 @@ def test_exact_arbitrary_rows(rows, padding):
     assert_same(index.search(queries, 10, rows=rows), brute_force(memory, queries, 10, rows=rows))
 
 
-def test_exact_evict():
+def test_exact_evict(exact_path):
     memory = Memory()
     index = memory.index("exact")
     index.evict(0, 400)
@@ -173,7 +194,7 @@ def test_exact_evict():
     assert not live[ids[ids >= 0]].logical_not().any()
 
 
-def test_reset_and_growing_ids():
+def test_reset_and_growing_ids(exact_path):
     memory = Memory()
     index = memory.index("exact")
     with pytest.raises(ValueError, match="ids must grow"):
@@ -196,6 +217,149 @@ def test_exact_on_gpu_memory():
     scores, ids = memory.index("exact").search(memory.queries(), 10)  # CPU queries, GPU memory
     assert scores.device.type == "cpu"
     assert_same((scores, ids), cpu_result)
+
+
+def test_exact_kernel_limits(monkeypatch, exact_path):
+    """k above the kernel's limit and head dims the kernel's product does not take (D % 8) give the same results."""
+    monkeypatch.setattr(knn_longllama, "KERNEL_MAX_K", 5)
+    memory = Memory(D=12)
+    index = memory.index("exact")
+    for r, k in [(1, 10), (200, 10), (1, 3), (200, 3)]:  # beyond the limit (torch path); the product in torch
+        queries = memory.queries(r=r)
+        assert_same(index.search(queries, k), brute_force(memory, queries, k))
+
+
+# ---------------------------------------------------------------------------------------------------- the C kernel
+
+
+def kernel_reference(blocks, queries, k):
+    """Top k of `queries [B, H, R, D]` over `blocks` [(first_id, keys [B, H, n, D], valid [B, n] | None)] by a full
+    matmul and a stable sort: ties keep the earliest id. Scores and ids `[B * H * R, k]`, (-inf, -1) padded."""
+    parts = []
+    for _, keys, valid in blocks:
+        part = queries @ keys.transpose(-1, -2)
+        parts.append(part if valid is None else part.masked_fill(~valid[:, None, None, :], -math.inf))
+    scores = torch.cat(parts, -1).flatten(0, 2)
+    ids = torch.cat([torch.arange(first, first + keys.shape[2]) for first, keys, _ in blocks])
+    scores = torch.cat([scores, torch.full((scores.shape[0], k), -math.inf)], 1)
+    ids = torch.cat([ids, torch.full((k,), -1)])
+    values, order = scores.sort(dim=1, descending=True, stable=True)
+    values, ids = values[:, :k], ids[order[:, :k]]
+    return values, ids.masked_fill(values == -math.inf, -1)
+
+
+def kernel_blocks(B, H, n, D, block, padding, integer, generator):
+    """Key blocks with gaps between their ids; `integer` keys give many tied scores."""
+    blocks, first = [], 0
+    for start in range(0, n, block):
+        m = min(block, n - start)
+        keys = torch.randint(-2, 3, (B, H, m, D), generator=generator).float() if integer else torch.randn(
+            B, H, m, D, generator=generator)
+        valid = torch.rand(B, m, generator=generator) >= padding if padding else None
+        blocks.append((first, keys, valid))
+        first += m + 7  # ids need not be contiguous across blocks (evicted ranges)
+    return blocks
+
+
+@pytest.fixture(params=["native", "generic"], scope="module")
+def kernel(request, tmp_path_factory):
+    """The kernel as `topk_kernel` builds it, and built without SIMD flags (the code path of non-x86 machines)."""
+    if not has_compiler():
+        pytest.skip("no C compiler")
+    if request.param == "native":
+        lib = kernel_longllama.topk_kernel()
+        assert lib is not None, "a C compiler is installed but the top-k kernel did not load"
+        return lib
+    path = kernel_longllama.compile_kernel(tmp_path_factory.mktemp("kernel"), flags=[])
+    return kernel_longllama._bind(ctypes.CDLL(str(path)))
+
+
+@pytest.mark.parametrize("mode", ["scan", "push", "mixed"])
+@pytest.mark.parametrize("integer", [False, True])  # random scores, or many ties
+@pytest.mark.parametrize(
+    "B,H,R,n,D,k,padding",
+    [
+        (2, 3, 4, 1000, 16, 10, 0.2),
+        (1, 2, 3, 900, 12, 50, 0.0),  # D not a multiple of 8: the scalar product
+        (1, 1, 1, 70000, 32, 128, 0.3),  # several threads in `scan`, each with a private top-k
+        (2, 1, 2, 150, 8, 300, 0.5),  # fewer valid keys than k: (-inf, -1) padding
+        (1, 1, 5, 40, 8, 1, 0.0),  # k = 1, blocks shorter than 16 keys
+    ],
+)
+def test_kernel_matches_reference(kernel, mode, integer, B, H, R, n, D, k, padding):
+    generator = torch.Generator().manual_seed(n + k)
+    blocks = kernel_blocks(B, H, n, D, max(13, n // 3), padding, integer, generator)
+    queries = (torch.randint(-2, 3, (B, H, R, D), generator=generator).float() if integer
+               else torch.randn(B, H, R, D, generator=generator))
+    top = kernel_longllama.KernelTopK(kernel, B * H * R, k)
+    top.threads = 2  # whatever the machine: the scan splits its keys when there are enough
+    for i, (first, keys, valid) in enumerate(blocks):
+        if mode == "scan" or (mode == "mixed" and i % 2):
+            top.scan(queries, keys, first, valid)
+        else:
+            top.push((queries @ keys.transpose(-1, -2)).flatten(0, 2), first, valid, rows_per_valid=H * R)
+    scores, ids = top.result()
+    expected_scores, expected_ids = kernel_reference(blocks, queries, k)
+    torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, expected_ids)  # exact, and ties keep the earliest ids
+
+
+def test_kernel_bad_arguments(kernel):
+    with pytest.raises(ValueError, match="1 <= k"):
+        kernel_longllama.KernelTopK(kernel, 4, 0)
+    top = kernel_longllama.KernelTopK(kernel, 4, 2)
+    with pytest.raises(ValueError, match="float32 scores"):
+        top.push(torch.zeros(3, 10), 0)
+    with pytest.raises(ValueError, match="valid bool"):
+        top.push(torch.zeros(4, 10), 0, torch.ones(4, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="do not match"):
+        top.scan(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 10, 8), 0)
+
+
+def test_kernel_is_cached(tmp_path):
+    if not has_compiler():
+        pytest.skip("no C compiler")
+    first = kernel_longllama.compile_kernel(tmp_path, flags=[])
+    stamp = first.stat().st_mtime_ns
+    assert kernel_longllama.compile_kernel(tmp_path, flags=[]) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no sources or partial files left behind
+    assert kernel_longllama.compile_kernel(tmp_path, flags=["-DLONGLLAMA_TEST"]) != first  # flags are in the name
+
+
+def test_kernel_cache_not_writable(tmp_path, monkeypatch):
+    if not has_compiler():
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LONGLLAMA_CACHE", str(blocker / "cache"))  # cannot be created: under a file
+    monkeypatch.setattr(kernel_longllama.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = kernel_longllama.compile_kernel(flags=[])
+    assert path.parent == tmp_path / "tmp" / f"longllama-kernels-{os.getuid()}"
+
+
+@pytest.mark.parametrize("compiler", ["missing", "failing"])
+def test_kernel_unavailable_falls_back_with_a_warning(tmp_path, monkeypatch, compiler):
+    """No compiler, or one that fails: one warning that says what to do, and the torch path's (same) results."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc") if compiler == "missing" else shutil.which("false"))
+    monkeypatch.setenv("LONGLLAMA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernel_longllama, "_kernel", kernel_longllama._UNLOADED)
+    memory = Memory()
+    index = memory.index("exact")
+    queries = memory.queries()
+    with pytest.warns(RuntimeWarning, match="Install a C compiler"):
+        assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
+    assert kernel_longllama._kernel is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
+
+
+def test_kernel_switched_off(monkeypatch):
+    monkeypatch.setenv(kernel_longllama.ENV_SWITCH, "0")
+    monkeypatch.setattr(kernel_longllama, "_kernel", kernel_longllama._UNLOADED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernel_longllama.topk_kernel() is None
 
 
 # ---------------------------------------------------------------------------------------------------- approximate
