@@ -35,7 +35,7 @@ import torch
 
 ENV_SWITCH = "LONGLLAMA_TOPK_KERNEL"  # "0": never compile or use the kernel
 ENV_CACHE = "LONGLLAMA_CACHE"
-MAX_K = 16384  # larger k use the torch path: a row's candidates are copied onto the C stack when selecting
+MAX_K = 4096  # larger k use the torch path: a row's candidates are copied onto the C stack (32 KiB) when selecting
 COMPILE_TIMEOUT = 120
 
 SOURCE = r"""

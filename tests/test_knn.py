@@ -97,14 +97,25 @@ def has_compiler() -> bool:
 
 @pytest.fixture(params=["kernel", "torch"])
 def exact_path(request, monkeypatch):
-    """Run a test with the exact backend's C kernel (`kernel_longllama`) and with its torch path."""
+    """Run a test with the exact backend's C kernel (`kernel_longllama`), checked to be used, and with its torch path."""
     if request.param == "torch":
         monkeypatch.setattr(kernel_longllama, "_kernel", None)
-    elif kernel_longllama.topk_kernel() is None:
+        yield "torch"
+        return
+    if kernel_longllama.topk_kernel() is None:
         if has_compiler() and os.environ.get(kernel_longllama.ENV_SWITCH) != "0":
             pytest.fail("a C compiler is installed but the top-k kernel did not load (see the warning)")
         pytest.skip("no C compiler: the exact backend runs its torch path only")
-    return request.param
+    made = []
+
+    class Counted(kernel_longllama.KernelTopK):
+        def __init__(self, *args, **kwargs):
+            made.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(knn_longllama, "KernelTopK", Counted)
+    yield "kernel"
+    assert made, "the exact backend never used the kernel"
 
 
 @pytest.mark.parametrize("k", [1, 10, 200])
@@ -219,12 +230,14 @@ def test_exact_on_gpu_memory():
     assert_same((scores, ids), cpu_result)
 
 
-def test_exact_kernel_limits(monkeypatch, exact_path):
-    """k above the kernel's limit and head dims the kernel's product does not take (D % 8) give the same results."""
+@pytest.mark.parametrize("D", [12, 16])  # the kernel's own product takes D % 8 == 0
+def test_exact_kernel_limits(monkeypatch, exact_path, D):
+    """k above the kernel's limit, more queries than it computes products for, and head dims its product does not
+    take: matmul tiles (and the torch path beyond the limit), the same results."""
     monkeypatch.setattr(knn_longllama, "KERNEL_MAX_K", 5)
-    memory = Memory(D=12)
+    memory = Memory(D=D, padding=0.1)
     index = memory.index("exact")
-    for r, k in [(1, 10), (200, 10), (1, 3), (200, 3)]:  # beyond the limit (torch path); the product in torch
+    for r, k in [(1, 10), (200, 10), (1, 3), (knn_longllama.FUSED_QUERIES + 1, 3)]:
         queries = memory.queries(r=r)
         assert_same(index.search(queries, k), brute_force(memory, queries, k))
 
