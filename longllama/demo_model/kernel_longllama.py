@@ -446,10 +446,11 @@ class KernelTopK:
         if rows != self.rows or scores.dtype != torch.float32 or scores.stride(1) != 1:
             raise ValueError(f"expected float32 scores [{self.rows}, n] with unit column stride, got {scores.dtype} "
                              f"{list(scores.shape)}")
-        valid_ptr, valid_ld = self._valid(valid, rows // rows_per_valid, n)
+        valid = self._valid(valid, rows // rows_per_valid, n)
         self.lib.longllama_topk_push(
-            ctypes.byref(self.state), rows, scores.data_ptr(), n, scores.stride(0), first_id, valid_ptr, valid_ld,
-            rows_per_valid, self.threads,
+            ctypes.byref(self.state), rows, scores.data_ptr(), n, scores.stride(0), first_id,
+            None if valid is None else valid.data_ptr(), 0 if valid is None else valid.stride(0), rows_per_valid,
+            self.threads,
         )
 
     def scan(self, queries: torch.Tensor, keys: torch.Tensor, first_id: int, valid: torch.Tensor | None = None):
@@ -473,22 +474,22 @@ class KernelTopK:
                 _buffer("scratch_floor", copies * self.rows, torch.float32),
             ]
             self.scratch = self._state(*self.scratch_tensors)
-        valid_ptr, valid_ld = self._valid(valid, B, n)
+        valid = self._valid(valid, B, n)
         self.lib.longllama_topk_scan(
             ctypes.byref(self.state), queries.data_ptr(), H, B * H, R, D, keys.data_ptr(), keys.stride(0),
-            keys.stride(1), n, first_id, valid_ptr, valid_ld, None if self.scratch is None else ctypes.byref(self.scratch),
+            keys.stride(1), n, first_id, None if valid is None else valid.data_ptr(),
+            0 if valid is None else valid.stride(0), None if self.scratch is None else ctypes.byref(self.scratch),
             self.threads,
         )
 
     @staticmethod
-    def _valid(valid: torch.Tensor | None, rows: int, n: int) -> tuple[int | None, int]:
+    def _valid(valid: torch.Tensor | None, rows: int, n: int) -> torch.Tensor | None:
+        """`valid` checked, with unit column stride (the caller keeps the returned tensor alive during the call)."""
         if valid is None:
-            return None, 0
+            return None
         if valid.shape != (rows, n) or valid.dtype != torch.bool:
             raise ValueError(f"expected valid bool [{rows}, {n}], got {valid.dtype} {list(valid.shape)}")
-        if valid.stride(1) != 1:
-            valid = valid.contiguous()
-        return valid.data_ptr(), valid.stride(0)
+        return valid if valid.stride(1) == 1 else valid.contiguous()
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores `[rows, k]` float32 sorted descending (ties: earliest id first) and ids int64, padded with

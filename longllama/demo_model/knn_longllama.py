@@ -42,6 +42,7 @@ _PIP_PACKAGES = {"faiss": "faiss-cpu", "hnswlib": "hnswlib"}
 # allocator's cache and mostly in L3, large enough for an efficient matmul.
 SCORE_TILE = 2**22
 MIN_TILE_KEYS = 256
+TOPK_STATE = 2**22  # elements of running top-k state per pass (48 MiB of scores and ids): bounds memory for large k
 # The exact search cuts a score tile into GROUP strided groups of keys (see _RunningTopK) and merges its pending
 # candidates once they reach MERGE_FACTOR * k per query on average.
 GROUP = 8
@@ -397,7 +398,9 @@ class ExactIndex(MemoryIndex):
             q = queries
         gather = None if G is not None else rows
         Bm, R = q.shape[0], q.shape[2]
-        chunk = max(1, SCORE_TILE // (Bm * H * MIN_TILE_KEYS))  # queries per pass over the memory
+        # queries per pass over the memory: a score tile of MIN_TILE_KEYS keys at least, and running top-k state
+        # (scores and ids, up to 2k + 16 per query in the kernel) of at most TOPK_STATE elements
+        chunk = max(1, min(SCORE_TILE // (Bm * H * MIN_TILE_KEYS), TOPK_STATE // (Bm * H * (2 * k + 16))))
         results = [self._scan(q[:, :, i : i + chunk], k, gather) for i in range(0, R, chunk)]
         scores, ids = results[0] if len(results) == 1 else (torch.cat(x, 2) for x in zip(*results))  # [Bm, H, R, k]
         if G is not None and G > 1:
