@@ -339,7 +339,7 @@ def _load():
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(
             f"LongLLaMA's exact top-k kernel is not available ({error}). Exact kNN search (mem_index='exact') falls "
-            f"back to its torch path: the same results, slower. Install a C compiler (gcc or clang, found as $CC or "
+            f"back to its torch path (also exact, slower). Install a C compiler (gcc or clang, found as $CC or "
             f"cc) to enable it, or set {ENV_SWITCH}=0 to silence this warning.",
             RuntimeWarning,
             stacklevel=3,
