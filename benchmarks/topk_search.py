@@ -11,8 +11,8 @@ so that machine load hits all alike. The results are checked to agree (scores wi
 Target: exact top-k throughput (with the kernel) at least 80% of faiss IndexFlatIP's (faiss ms / exact ms >= 0.8)
 everywhere.
 
-    python benchmarks/topk_search.py                       # n 64k, 256k, 1M; D 32, 128; nq 1, 2048 (~5 min)
-    python benchmarks/topk_search.py --quick               # n 64k, 256k; nq 1, 256 (~30 s)
+    python benchmarks/topk_search.py                       # n 64k, 256k, 1M; D 32, 128; nq 1, 2048 (~10 min)
+    python benchmarks/topk_search.py --quick               # n 64k, 256k; nq 1, 256 (~40 s)
     python benchmarks/topk_search.py --json docs/figures/topk_search.json --plot docs/figures/topk_search.png
     python benchmarks/topk_search.py --load docs/figures/topk_search.json   # re-print, no measuring
 
