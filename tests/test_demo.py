@@ -1,6 +1,7 @@
 """The bundled demo model (issue 5): it loads with the Auto classes, with and without the package, and it retrieves."""
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -45,10 +46,18 @@ def test_demo_model_finds_the_pass_key(demo):
 
 CHILD = IMPORT_BLOCKER + textwrap.dedent(
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+    # kNN memory attention with the checkpoint's own code, its top-k kernel module included (compiled, or found in the
+    # cache, where a C compiler is installed)
+    ids = torch.randint(5, 100, (1, 4 * model.config.max_position_embeddings), generator=torch.Generator().manual_seed(0))
+    model.generate(ids, max_new_tokens=2, do_sample=False, mem_top_k=8)
+    kernel = [m for name, m in sys.modules.items() if name.endswith(".kernel_longllama")]
+    assert len(kernel) == 1 and kernel[0].__name__.startswith("transformers_modules"), list(sys.modules)
+    print(kernel[0]._kernel is not None, file=sys.stderr)
     print(type(model).__module__, type(tokenizer).__name__, tokenizer("The pass key is 123")["input_ids"])
     """
 )
@@ -64,6 +73,8 @@ def test_demo_checkpoint_loads_as_remote_code_without_the_package(demo, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     module, name, ids = result.stdout.split(maxsplit=2)
     assert module.startswith("transformers_modules") and name == "LongLlamaTokenizer"
+    if shutil.which("cc") or shutil.which("gcc"):  # the remote code's kernel compiled and ran
+        assert result.stderr.strip().splitlines()[-1] == "True", result.stderr[-3000:]
     assert ids.strip() == str(tokenizer("The pass key is 123")["input_ids"])
 
 
