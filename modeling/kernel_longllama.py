@@ -300,7 +300,7 @@ int longllama_topk_finish(topk_state *s, int64_t rows) {
 _UNLOADED = object()
 _kernel = _UNLOADED  # the bound library, None when unavailable; see `topk_kernel`
 _load_lock = threading.Lock()
-_buffers = threading.local()  # per thread: reusable state buffers, see `_buffer`
+_buffers = threading.local()  # per thread: reusable buffers, see `reusable_buffer`
 
 
 class _State(ctypes.Structure):
@@ -361,6 +361,16 @@ def arch_flags() -> list[str]:
     return ["-mavx2", "-mfma"] if x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else []
 
 
+def find_compiler() -> str | None:
+    """The C compiler the kernel is built with: `$CC`, else the first of `cc`, `gcc`, `clang` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def candidates(k: int) -> int:
+    """Candidates a query keeps in the kernel for a top-k of `k` (`cap` in the C source): 2k + 16."""
+    return 2 * k + 16
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept: `$LONGLLAMA_CACHE/kernels`, else `$XDG_CACHE_HOME/longllama/kernels` or
     `~/.cache/longllama/kernels`."""
@@ -377,7 +387,7 @@ def compile_kernel(directory: Path | None = None, flags: list[str] | None = None
     into place, so concurrent processes never load a half-written file."""
     if sys.platform == "win32":
         raise RuntimeError("the kernel is built on Linux and macOS only")
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = find_compiler()
     if not compiler:
         raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
     flags = [*arch_flags(), "-fopenmp"] if flags is None else flags
@@ -409,12 +419,14 @@ def compile_kernel(directory: Path | None = None, flags: list[str] | None = None
     raise RuntimeError(f"no writable directory to compile into (tried {cache_dir()} and the temporary directory)")
 
 
-def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable buffer of at least `numel` elements, one per thread and name: fresh ones cost page faults."""
-    buffers = _buffers.__dict__.setdefault("by_name", {})
-    buffer = buffers.get(name)
-    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+def reusable_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A buffer of `numel` elements kept between searches, one per thread, name, dtype and device (grown when too
+    small): on the CPU a fresh one costs page faults on every search. The caller uses it before asking again."""
+    buffers = _buffers.__dict__.setdefault("by_key", {})
+    key = (name, dtype, torch.device(device))
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 
@@ -427,12 +439,12 @@ class KernelTopK:
     def __init__(self, lib, rows: int, k: int):
         if not 1 <= k <= MAX_K:
             raise ValueError(f"the top-k kernel takes 1 <= k <= {MAX_K}, got {k}")
-        self.lib, self.rows, self.k, self.cap = lib, rows, k, 2 * k + 16
+        self.lib, self.rows, self.k, self.cap = lib, rows, k, candidates(k)
         self.threads = torch.get_num_threads()
-        self.v = _buffer("v", rows * self.cap, torch.float32).view(rows, self.cap)
-        self.ids = _buffer("ids", rows * self.cap, torch.int64).view(rows, self.cap)
-        self.count = _buffer("count", rows, torch.int64).zero_()
-        self.floor = _buffer("floor", rows, torch.float32).fill_(-math.inf)
+        self.v = reusable_buffer("v", rows * self.cap, torch.float32).view(rows, self.cap)
+        self.ids = reusable_buffer("ids", rows * self.cap, torch.int64).view(rows, self.cap)
+        self.count = reusable_buffer("count", rows, torch.int64).zero_()
+        self.floor = reusable_buffer("floor", rows, torch.float32).fill_(-math.inf)
         self.state = self._state(self.v, self.ids, self.count, self.floor)
         self.scratch = None  # per-thread states of `scan`, made on first use
 
@@ -468,10 +480,10 @@ class KernelTopK:
         if self.scratch is None and self.threads > 1:
             copies = self.threads - 1
             self.scratch_tensors = [
-                _buffer("scratch_v", copies * self.rows * self.cap, torch.float32),
-                _buffer("scratch_ids", copies * self.rows * self.cap, torch.int64),
-                _buffer("scratch_count", copies * self.rows, torch.int64),
-                _buffer("scratch_floor", copies * self.rows, torch.float32),
+                reusable_buffer("scratch_v", copies * self.rows * self.cap, torch.float32),
+                reusable_buffer("scratch_ids", copies * self.rows * self.cap, torch.int64),
+                reusable_buffer("scratch_count", copies * self.rows, torch.int64),
+                reusable_buffer("scratch_floor", copies * self.rows, torch.float32),
             ]
             self.scratch = self._state(*self.scratch_tensors)
         valid = self._valid(valid, B, n)
@@ -499,4 +511,4 @@ class KernelTopK:
         return scores, self.ids[:, : self.k].gather(1, order)
 
 
-__all__ = ["KernelTopK", "MAX_K", "compile_kernel", "topk_kernel"]
+__all__ = ["KernelTopK", "MAX_K", "candidates", "compile_kernel", "find_compiler", "reusable_buffer", "topk_kernel"]

@@ -21,14 +21,13 @@ Backends, built by `make_index(name, source, **options)`:
 import importlib
 import itertools
 import math
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .kernel_longllama import MAX_K as KERNEL_MAX_K
-from .kernel_longllama import KernelTopK, topk_kernel
+from .kernel_longllama import KernelTopK, candidates, reusable_buffer, topk_kernel
 
 Source = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
 
@@ -56,18 +55,10 @@ FUSED_QUERIES = 128
 RADIUS_HEADROOM = 1.25
 
 
-_score_tiles = threading.local()  # per thread: {device: fp32 buffer}, see `_score_tile`
-
-
 def _score_tile(numel: int, device: torch.device) -> torch.Tensor:
-    """A reusable fp32 buffer of `numel` elements on `device`, one per thread and device, kept between searches (about
-    `SCORE_TILE` elements, 16 MiB): on the CPU a fresh tile costs page faults on every search, as much as a decode
-    step's matrix-vector product."""
-    tiles = _score_tiles.__dict__.setdefault("by_device", {})
-    tile = tiles.get(device)
-    if tile is None or tile.numel() < numel:
-        tile = tiles[device] = torch.empty(numel, device=device)
-    return tile[:numel]
+    """The exact search's fp32 score tile (about `SCORE_TILE` elements, 16 MiB), kept between searches: on the CPU a
+    fresh tile costs page faults on every search, as much as a decode step's matrix-vector product."""
+    return reusable_buffer("score_tile", numel, torch.float32, device)
 
 
 def _library(name: str):
@@ -399,8 +390,8 @@ class ExactIndex(MemoryIndex):
         gather = None if G is not None else rows
         Bm, R = q.shape[0], q.shape[2]
         # queries per pass over the memory: a score tile of MIN_TILE_KEYS keys at least, and running top-k state
-        # (scores and ids, up to 2k + 16 per query in the kernel) of at most TOPK_STATE elements
-        chunk = max(1, min(SCORE_TILE // (Bm * H * MIN_TILE_KEYS), TOPK_STATE // (Bm * H * (2 * k + 16))))
+        # (scores and ids, `candidates(k)` per query in the kernel) of at most TOPK_STATE elements
+        chunk = max(1, min(SCORE_TILE // (Bm * H * MIN_TILE_KEYS), TOPK_STATE // (Bm * H * candidates(k))))
         results = [self._scan(q[:, :, i : i + chunk], k, gather) for i in range(0, R, chunk)]
         scores, ids = results[0] if len(results) == 1 else (torch.cat(x, 2) for x in zip(*results))  # [Bm, H, R, k]
         if G is not None and G > 1:

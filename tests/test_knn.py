@@ -101,7 +101,7 @@ def recall(ids, reference_ids):
 
 
 def has_compiler() -> bool:
-    return bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"))
+    return kernel_longllama.find_compiler() is not None
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -241,7 +241,7 @@ def test_exact_on_gpu_memory():
 
 def test_exact_passes_bounded_by_top_k_state(monkeypatch, exact_path):
     """Large k: the queries are searched in several passes over memory, each with a bounded running top-k."""
-    monkeypatch.setattr(knn_longllama, "TOPK_STATE", 2 * (2 * 200 + 16) * 3 * 5)  # 5 queries per pass
+    monkeypatch.setattr(knn_longllama, "TOPK_STATE", 2 * kernel_longllama.candidates(200) * 3 * 5)  # 5 queries per pass
     memory = Memory(padding=0.1)
     index = memory.index("exact")
     queries = memory.queries(r=12)
