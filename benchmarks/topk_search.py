@@ -1,10 +1,10 @@
-"""Exact top-k search throughput: LongLLaMA's `ExactIndex` (torch) against faiss `IndexFlatIP`, on the same data.
+"""Exact top-k search throughput: LongLLaMA's `ExactIndex` against faiss `IndexFlatIP`, on the same data.
 
 A benchmark, not a test. For each memory size n, head_dim D and number of queries nq, one key set of n random
 Gaussian keys (float32, one row, one KV head) is searched for the top k=128 by inner product, by
-`longllama.modeling.knn_longllama.ExactIndex` (reading the keys from memory-sized blocks as a `LayerMemory` hands
+the package's `longllama.search.ExactIndex` (reading the keys from memory-sized blocks as a `LayerMemory` hands
 them over) and by `faiss.IndexFlatIP` holding the same keys. `ExactIndex` runs twice: with its C kernel
-(`modeling/kernel_longllama.py`, the default where a C compiler is found) and with its torch path (the fallback, and
+(`longllama/csrc`, built when the package is installed with a C compiler) and with its torch path (the fallback, and
 the path on GPUs). All runs use the same threads. Their calls alternate, and the best of several repetitions is kept,
 so that machine load hits all alike. The results are checked to agree (scores within 1e-4).
 
@@ -44,8 +44,8 @@ def best_ms(fn, reps: int) -> float:
 def measure(n: int, D: int, nq: int, k: int, seed: int = 0) -> dict:
     import faiss
 
-    from longllama.modeling import kernel_longllama
-    from longllama.modeling.knn_longllama import ExactIndex
+    from longllama import search
+    from longllama.search import ExactIndex
 
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(1, 1, n, D, generator=generator)
@@ -58,18 +58,18 @@ def measure(n: int, D: int, nq: int, k: int, seed: int = 0) -> dict:
     queries = torch.randn(1, 1, nq, D, generator=generator)
     q = queries[0, 0].numpy()
 
-    kernel = kernel_longllama.topk_kernel()
+    kernel = search.topk_kernel()
 
     def torch_path():
-        kernel_longllama._kernel = None  # as without a compiler
+        search._kernel = None  # as when installed without a compiler
         try:
             return index.search(queries, k)
         finally:
-            kernel_longllama._kernel = kernel
+            search._kernel = kernel
 
     faiss_scores = torch.from_numpy(flat.search(q, k)[0])
-    for name, search in [("exact", lambda: index.search(queries, k)), ("torch path", torch_path)]:
-        if not torch.allclose(search()[0][0, 0], faiss_scores, atol=1e-4):
+    for name, run in [("exact", lambda: index.search(queries, k)), ("torch path", torch_path)]:
+        if not torch.allclose(run()[0][0, 0], faiss_scores, atol=1e-4):
             raise AssertionError(f"{name} top-k and faiss disagree at n={n} D={D} nq={nq}")
     reps = max(3, min(15, int(20 / max(1e-3, n * D * nq / 2e10))))
     exact_ms, torch_ms, faiss_ms = [], [], []

@@ -25,15 +25,10 @@ from tqdm.auto import tqdm
 import longllama.modeling
 from longllama.modeling.configuration_longllama import MEM_DTYPES, LongLlamaConfig
 
-CODE_FILES = (
-    "configuration_longllama.py",
-    "modeling_longllama.py",
-    "memory_longllama.py",
-    "attention_longllama.py",
-    "knn_longllama.py",
-    "kernel_longllama.py",
-    "session_longllama.py",
-)
+# The remote code every checkpoint carries: each `*_longllama.py` of the modeling package (the tokenizer's file only
+# goes with a sentencepiece model).
+MODELING_DIR = Path(longllama.modeling.__file__).parent
+CODE_FILES = tuple(sorted(p.name for p in MODELING_DIR.glob("*_longllama.py") if p.name != "tokenization_longllama.py"))
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -420,9 +415,8 @@ def write_side_files(plan: Plan, out: Path) -> None:
     """config.json, generation_config.json, the remote-code files and any tokenizer files."""
     plan.config.to_json_file(out / "config.json")
     copy_generation_and_tokenizer(plan.src, out, plan.config, longllama_tokenizer=True)
-    code_dir = Path(longllama.modeling.__file__).parent
     for name in CODE_FILES:
-        shutil.copy2(code_dir / name, out / name)
+        shutil.copy2(MODELING_DIR / name, out / name)
 
 
 def model_card(plan: Plan, dst: Path, options: dict) -> str:

@@ -173,8 +173,8 @@ def main() -> None:
         if not (args.work / "fot" / "model" / "config.json").is_file():
             sys.exit(f"--install: {args.work / 'fot' / 'model'} does not exist yet; run the fot stage first.")
         write_checkpoint(args.work / "fot" / "model", args.work / "tokenizer", DEMO_DIR, CARD,
-                         last_context_length=LAST_CONTEXT_LENGTH, mem_top_k=MEM_TOP_K)
-        print(f"installed into {DEMO_DIR}")
+                         last_context_length=LAST_CONTEXT_LENGTH, mem_top_k=MEM_TOP_K, code=False)
+        print(f"installed into {DEMO_DIR} (demo_checkpoint() adds the remote code from modeling/)")
 
 
 if __name__ == "__main__":

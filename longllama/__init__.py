@@ -2,18 +2,23 @@
 
 `import longllama` registers the `"longllama"` model type with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`,
 so LongLLaMA checkpoints (ours and the published ones) load with our classes, and `AutoTokenizer` knows
-`LongLlamaTokenizer`. `demo_checkpoint()` is the directory of the bundled demo model.
+`LongLlamaTokenizer`, and plugs the package's faster and optional kNN backends into the checkpoint code
+(`search.py`, `hnsw.py`). `demo_checkpoint()` is the directory of the bundled demo model.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from . import hnsw, search
 from .demo import demo_checkpoint
 from .modeling import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, LongLlamaTokenizer
+from .modeling.knn_longllama import INDEX_BACKENDS
 
 AutoConfig.register(LongLlamaConfig.model_type, LongLlamaConfig, exist_ok=True)
 AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
 AutoTokenizer.register(LongLlamaConfig, slow_tokenizer_class=LongLlamaTokenizer, exist_ok=True)
+# The accelerated and optional kNN backends plug into the checkpoint code's registry (docs/architecture.md).
+INDEX_BACKENDS.update(exact=search.ExactIndex, faiss=hnsw.FaissIndex, hnswlib=hnsw.HnswlibIndex)
 
 __version__ = "0.1.0"
 

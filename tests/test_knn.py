@@ -1,6 +1,8 @@
-"""Top-k index backends (modeling/knn_longllama.py) against brute-force ground truth, as faiss tests its indexes."""
+"""Top-k index backends against brute-force ground truth, as faiss tests its indexes: the checkpoint code's reference
+exact search (modeling/knn_longllama.py) and the package's accelerated and approximate ones (longllama/search.py,
+longllama/hnsw.py)."""
 
-import ctypes
+import builtins
 import math
 import os
 import shutil
@@ -9,7 +11,8 @@ import warnings
 import pytest
 import torch
 
-from longllama.modeling import kernel_longllama, knn_longllama
+from longllama import hnsw, search
+from longllama.modeling import knn_longllama
 from longllama.modeling.knn_longllama import INDEX_BACKENDS, ExactIndex, make_index
 
 APPROXIMATE = ["faiss", "hnswlib"]
@@ -101,28 +104,41 @@ def recall(ids, reference_ids):
 
 
 def has_compiler() -> bool:
-    return kernel_longllama.find_compiler() is not None
+    return any(shutil.which(name) for name in ("cc", "gcc", "clang"))
 
 
-@pytest.fixture(params=["kernel", "torch"])
+def kernel_or_fail():
+    """The package's compiled kernel; a test fails where a C compiler is installed but the kernel was not built."""
+    kernel = search.topk_kernel()
+    if kernel is None:
+        if has_compiler() and os.environ.get(search.ENV_SWITCH) != "0":
+            pytest.fail("a C compiler is installed but the package was installed without its top-k kernel")
+        pytest.skip("the package was installed without a C compiler: no top-k kernel")
+    return kernel
+
+
+@pytest.fixture(params=["kernel", "torch", "reference"])
 def exact_path(request, monkeypatch):
-    """Run a test with the exact backend's C kernel (`kernel_longllama`), checked to be used, and with its torch path."""
+    """Run a test with each exact search: the package's with its compiled kernel (checked to be used), the package's
+    torch path (`FilteredTopK`), and the checkpoint code's plain-torch reference (`knn_longllama.ExactIndex`)."""
+    if request.param == "reference":
+        monkeypatch.setitem(INDEX_BACKENDS, "exact", knn_longllama.ExactIndex)
+        yield "reference"
+        return
+    assert INDEX_BACKENDS["exact"] is search.ExactIndex  # registered by `import longllama`
     if request.param == "torch":
-        monkeypatch.setattr(kernel_longllama, "_kernel", None)
+        monkeypatch.setattr(search, "_kernel", None)
         yield "torch"
         return
-    if kernel_longllama.topk_kernel() is None:
-        if has_compiler() and os.environ.get(kernel_longllama.ENV_SWITCH) != "0":
-            pytest.fail("a C compiler is installed but the top-k kernel did not load (see the warning)")
-        pytest.skip("no C compiler: the exact backend runs its torch path only")
+    kernel_or_fail()
     made = []
 
-    class Counted(kernel_longllama.KernelTopK):
+    class Counted(search.KernelTopK):
         def __init__(self, *args, **kwargs):
             made.append(args)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(knn_longllama, "KernelTopK", Counted)
+    monkeypatch.setattr(search, "KernelTopK", Counted)
     yield "kernel"
     assert made, "the exact backend never used the kernel"
 
@@ -144,8 +160,8 @@ def test_exact_matches_brute_force(monkeypatch, exact_path, k, tile):
 def test_exact_running_top_k_filters(monkeypatch, dense):
     """Torch path: tiles after the first yield only the keys that beat the running k-th score, found either way; a tail
     of keys outside the groups, padding, and a second search on the reused score tile."""
-    monkeypatch.setattr(kernel_longllama, "_kernel", None)
-    monkeypatch.setattr(knn_longllama, "DENSE", dense)
+    monkeypatch.setattr(search, "_kernel", None)
+    monkeypatch.setattr(search, "DENSE", dense)
     monkeypatch.setattr(knn_longllama, "SCORE_TILE", 2**14)  # a tile per 300-key block: 256 keys in groups, 44 not
     memory = Memory(B=2, H=2, n=3000, D=16, padding=0.1)
     index = memory.index("exact")
@@ -241,7 +257,7 @@ def test_exact_on_gpu_memory():
 
 def test_exact_passes_bounded_by_top_k_state(monkeypatch, exact_path):
     """Large k: the queries are searched in several passes over memory, each with a bounded running top-k."""
-    monkeypatch.setattr(knn_longllama, "TOPK_STATE", 2 * kernel_longllama.candidates(200) * 3 * 5)  # 5 queries per pass
+    monkeypatch.setattr(knn_longllama, "TOPK_STATE", 2 * search.candidates(200) * 3 * 5)  # 5 queries per pass
     memory = Memory(padding=0.1)
     index = memory.index("exact")
     queries = memory.queries(r=12)
@@ -252,10 +268,10 @@ def test_exact_passes_bounded_by_top_k_state(monkeypatch, exact_path):
 def test_exact_kernel_limits(monkeypatch, exact_path, D):
     """k above the kernel's limit, more queries than it computes products for, and head dims its product does not
     take: matmul tiles (and the torch path beyond the limit), the same results."""
-    monkeypatch.setattr(knn_longllama, "KERNEL_MAX_K", 5)
+    monkeypatch.setattr(search, "MAX_K", 5)
     memory = Memory(D=D, padding=0.1)
     index = memory.index("exact")
-    for r, k in [(1, 10), (200, 10), (1, 3), (knn_longllama.FUSED_QUERIES + 1, 3)]:
+    for r, k in [(1, 10), (200, 10), (1, 3), (search.FUSED_QUERIES + 1, 3)]:
         queries = memory.queries(r=r)
         assert_same(index.search(queries, k), brute_force(memory, queries, k))
 
@@ -293,16 +309,15 @@ def kernel_blocks(B, H, n, D, block, padding, integer, generator):
 
 
 @pytest.fixture(params=["native", "generic"], scope="module")
-def kernel(request, tmp_path_factory):
-    """The kernel as `topk_kernel` builds it, and built without SIMD flags (the code path of non-x86 machines)."""
-    if not has_compiler():
-        pytest.skip("no C compiler")
+def kernel(request):
+    """The kernel `topk_kernel` picks (AVX2 where the CPU has it), and the portable build (non-x86 machines' code)."""
+    native = kernel_or_fail()
     if request.param == "native":
-        lib = kernel_longllama.topk_kernel()
-        assert lib is not None, "a C compiler is installed but the top-k kernel did not load"
-        return lib
-    path = kernel_longllama.compile_kernel(tmp_path_factory.mktemp("kernel"), flags=[])
-    return kernel_longllama._bind(ctypes.CDLL(str(path)))
+        return native
+    from longllama import _topk
+
+    assert _topk.simd == 0
+    return _topk
 
 
 @pytest.mark.parametrize("mode", ["scan", "push", "mixed"])
@@ -322,7 +337,7 @@ def test_kernel_matches_reference(kernel, mode, integer, B, H, R, n, D, k, paddi
     blocks = kernel_blocks(B, H, n, D, max(13, n // 3), padding, integer, generator)
     queries = (torch.randint(-2, 3, (B, H, R, D), generator=generator).float() if integer
                else torch.randn(B, H, R, D, generator=generator))
-    top = kernel_longllama.KernelTopK(kernel, B * H * R, k)
+    top = search.KernelTopK(B * H * R, k, lib=kernel)
     top.threads = 2  # whatever the machine: the scan splits its keys when there are enough
     for i, (first, keys, valid) in enumerate(blocks):
         if mode == "scan" or (mode == "mixed" and i % 2):
@@ -344,7 +359,7 @@ def test_kernel_strided_inputs(kernel):
     results = []
     for k_, v_ in [(keys, valid), (keys.contiguous(), valid.contiguous())]:
         for mode in ("scan", "push"):
-            top = kernel_longllama.KernelTopK(kernel, 3 * 2 * 4, 7)
+            top = search.KernelTopK(3 * 2 * 4, 7, lib=kernel)
             if mode == "scan":
                 top.scan(queries, k_, 0, v_)
             else:
@@ -358,8 +373,8 @@ def test_kernel_strided_inputs(kernel):
 
 def test_kernel_bad_arguments(kernel):
     with pytest.raises(ValueError, match="1 <= k"):
-        kernel_longllama.KernelTopK(kernel, 4, 0)
-    top = kernel_longllama.KernelTopK(kernel, 4, 2)
+        search.KernelTopK(4, 0, lib=kernel)
+    top = search.KernelTopK(4, 2, lib=kernel)
     with pytest.raises(ValueError, match="float32 scores"):
         top.push(torch.zeros(3, 10), 0)
     with pytest.raises(ValueError, match="valid bool"):
@@ -368,50 +383,35 @@ def test_kernel_bad_arguments(kernel):
         top.scan(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 10, 8), 0)
 
 
-def test_kernel_is_cached(tmp_path):
-    if not has_compiler():
-        pytest.skip("no C compiler")
-    first = kernel_longllama.compile_kernel(tmp_path, flags=[])
-    stamp = first.stat().st_mtime_ns
-    assert kernel_longllama.compile_kernel(tmp_path, flags=[]) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no sources or partial files left behind
-    assert kernel_longllama.compile_kernel(tmp_path, flags=["-DLONGLLAMA_TEST"]) != first  # flags are in the name
+def test_kernel_not_installed_falls_back_with_a_warning(monkeypatch):
+    """A package installed without a C compiler has no kernel: one warning that says what to do, and the torch path's
+    (same) results."""
+    real_import = builtins.__import__
 
+    def no_kernel(name, globals=None, locals=None, fromlist=(), level=0):
+        if {"_topk", "_topk_avx2"} & set(fromlist or ()) or name.startswith("longllama._topk"):
+            raise ImportError(f"no module named {name or fromlist[0]}")
+        return real_import(name, globals, locals, fromlist, level)
 
-def test_kernel_cache_not_writable(tmp_path, monkeypatch):
-    if not has_compiler():
-        pytest.skip("no C compiler")
-    blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    monkeypatch.setenv("LONGLLAMA_CACHE", str(blocker / "cache"))  # cannot be created: under a file
-    monkeypatch.setattr(kernel_longllama.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    path = kernel_longllama.compile_kernel(flags=[])
-    assert path.parent == tmp_path / "tmp" / f"longllama-kernels-{os.getuid()}"
-
-
-@pytest.mark.parametrize("compiler", ["missing", "failing"])
-def test_kernel_unavailable_falls_back_with_a_warning(tmp_path, monkeypatch, compiler):
-    """No compiler, or one that fails: one warning that says what to do, and the torch path's (same) results."""
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc") if compiler == "missing" else shutil.which("false"))
-    monkeypatch.setenv("LONGLLAMA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernel_longllama, "_kernel", kernel_longllama._UNLOADED)
+    monkeypatch.setattr(builtins, "__import__", no_kernel)
+    monkeypatch.setattr(search, "_kernel", search._UNLOADED)
     memory = Memory()
     index = memory.index("exact")
     queries = memory.queries()
-    with pytest.warns(RuntimeWarning, match="Install a C compiler"):
+    with pytest.warns(RuntimeWarning, match="installed with a C compiler"):
         assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
-    assert kernel_longllama._kernel is None
+    assert search._kernel is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
 
 
 def test_kernel_switched_off(monkeypatch):
-    monkeypatch.setenv(kernel_longllama.ENV_SWITCH, "0")
-    monkeypatch.setattr(kernel_longllama, "_kernel", kernel_longllama._UNLOADED)
+    monkeypatch.setenv(search.ENV_SWITCH, "0")
+    monkeypatch.setattr(search, "_kernel", search._UNLOADED)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert kernel_longllama.topk_kernel() is None
+        assert search.topk_kernel() is None
 
 
 # ---------------------------------------------------------------------------------------------------- approximate
@@ -511,7 +511,16 @@ def test_bad_search_arguments(name):
 
 @pytest.mark.parametrize("name", APPROXIMATE)
 def test_missing_library_names_the_extra(monkeypatch, name):
-    monkeypatch.setattr(knn_longllama, name, None)
+    monkeypatch.setattr(hnsw, name, None)
     with pytest.raises(ImportError, match=rf'pip install "longllama\[{name}\]"'):
         make_index(name, Memory().source)
     assert isinstance(make_index("exact", Memory().source), ExactIndex)  # the exact backend needs nothing
+
+
+@pytest.mark.parametrize("name", APPROXIMATE)
+def test_checkpoint_code_alone_names_the_package(monkeypatch, name):
+    """Remote code loaded without the package has the reference exact search only; the others say what to install."""
+    monkeypatch.setattr(knn_longllama, "INDEX_BACKENDS", {"exact": knn_longllama.ExactIndex})
+    with pytest.raises(ImportError, match=rf'provided by the longllama package: pip install "longllama\[{name}\]"'):
+        make_index(name, Memory().source)
+    assert type(make_index("exact", Memory().source)) is knn_longllama.ExactIndex

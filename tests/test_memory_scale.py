@@ -11,7 +11,8 @@ from huggingface_hub.errors import StrictDataclassError
 from reference import RefConfig, reference_forward
 
 from longllama import LongLlamaCache, LongLlamaForCausalLM
-from longllama.modeling import knn_longllama, memory_longllama
+from longllama import hnsw
+from longllama.modeling import memory_longllama
 from longllama.modeling.attention_longllama import blockwise_memory_attention_forward, topk_memory_attention_forward
 from longllama.modeling.memory_longllama import LayerMemory, LongLlamaMemoryLayer
 
@@ -142,7 +143,7 @@ def test_approximate_backend_in_the_model(backend):
 
 def test_missing_backend_names_the_extra(monkeypatch):
     model = tiny_model(1, mem_layers=[1, 2], mem_top_k=2, mem_index="faiss")
-    monkeypatch.setattr(knn_longllama, "faiss", None)
+    monkeypatch.setattr(hnsw, "faiss", None)
     with pytest.raises(ImportError, match=r"longllama\[faiss\]"):
         run(model, random_ids(1, L + 3 * W))
 
