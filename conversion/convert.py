@@ -11,7 +11,6 @@ is renamed to DST only when complete.
 import argparse
 import json
 import re
-import secrets
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 import longllama.modeling
+from longllama.files import atomic_directory
 from longllama.modeling.configuration_longllama import MEM_DTYPES, LongLlamaConfig
 
 # The remote code every checkpoint carries: each `*_longllama.py` of the modeling package (the tokenizer's file only
@@ -404,8 +404,7 @@ def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> N
     if longllama_tokenizer:
         config["tokenizer_class"] = "LongLlamaTokenizer"
         config["auto_map"] = {"AutoTokenizer": ["tokenization_longllama.LongLlamaTokenizer", None]}
-        code_dir = Path(longllama.modeling.__file__).parent
-        shutil.copy2(code_dir / "tokenization_longllama.py", out / "tokenization_longllama.py")
+        shutil.copy2(MODELING_DIR / "tokenization_longllama.py", out / "tokenization_longllama.py")
     else:
         config["tokenizer_class"] = "LlamaTokenizer"
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -480,38 +479,13 @@ def check_paths(src: Path, dst: Path, dtype: str, force: bool, dry_run: bool) ->
 
 
 def write_atomically(dst: Path, force: bool, fill) -> Path:
-    """Call `fill(tmp)` on a new directory next to `dst`, then move it to `dst` (`install`). On any failure,
-    Ctrl-C included, the temporary directory is removed and `dst` is left as it was."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+    """Call `fill(tmp)` on a new directory next to `dst`, then move it to `dst` (with `force`, replacing what is there).
+    On any failure, Ctrl-C included, the temporary directory is removed and `dst` is left as it was."""
+    with atomic_directory(dst, mode=0o755) as tmp:
         fill(tmp)
-        install(tmp, dst, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if dst.exists() and not force:
+            raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
     return dst
-
-
-def install(tmp: Path, dst: Path, force: bool) -> None:
-    """Move the finished tmp directory to dst; with force, an existing dst is replaced (set aside, then deleted)."""
-    if not dst.exists():
-        tmp.rename(dst)
-        return
-    if not force:
-        raise ConversionError(f"{dst} exists; pass force=True (--force) to replace it.")
-    old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-    dst.rename(old)
-    try:
-        tmp.rename(dst)
-    except BaseException:
-        old.rename(dst)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 def convert(

@@ -29,17 +29,9 @@ from .convert import (
 )
 from longllama.modeling.configuration_longllama import LongLlamaConfig
 
-# config.json fields that only LongLLaMA has; none of them reaches the Llama config.
-LONGLLAMA_FIELDS = (
-    "mem_layers",
-    "mem_positionals",
-    "mem_dtype",
-    "mem_attention_grouping",
-    "mem_attention_implementation",
-    "last_context_length",
-    "torch_attention",
-    "gradient_checkpoint_every_ith",
-)
+# config.json fields that only LongLLaMA has (auto_map included), derived from the two config classes; none of them
+# reaches the Llama config.
+LONGLLAMA_FIELDS = tuple(sorted(set(LongLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())))
 
 
 def read_source_config(src: Path) -> dict:
@@ -72,7 +64,7 @@ def build_configs(fields: dict, dtype: str) -> tuple[LongLlamaConfig, LlamaConfi
         target = LlamaConfig.from_dict(llama_fields)
     except (ValueError, TypeError) as exc:
         raise ConversionError(f"invalid target config: {exc}".replace("\n", " ")) from exc
-    for name in LONGLLAMA_FIELDS + ("auto_map",):
+    for name in LONGLLAMA_FIELDS:
         if hasattr(target, name):
             delattr(target, name)
     return source, target
@@ -81,7 +73,7 @@ def build_configs(fields: dict, dtype: str) -> tuple[LongLlamaConfig, LlamaConfi
 def llama_config_json(config: LlamaConfig) -> str:
     text = config.to_json_string()
     fields = json.loads(text)
-    leaked = [k for k in LONGLLAMA_FIELDS + ("auto_map",) if k in fields]
+    leaked = [k for k in LONGLLAMA_FIELDS if k in fields]
     if leaked:  # defensive: the LlamaConfig must not carry LongLLaMA fields
         for name in leaked:
             fields.pop(name)

@@ -15,7 +15,6 @@ So `input_ids == tokenizer(text).input_ids` (leading special tokens included) an
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from .data import load_tokenizer
+from .files import atomic_write_text
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -394,18 +394,14 @@ def plot_accuracy(results: list[dict], path: str | Path) -> None:
 
 
 def write_json_atomically(path: str | Path, payload: dict) -> None:
-    """Write to `path.tmp`, then rename: an interrupted write never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write `payload` to `path` whole or not at all (`files.atomic_write_text`), one line per trial."""
     lines = []
     for name, value in payload.items():  # one line per field, and per trial in lists of trials
         if isinstance(value, list) and value and isinstance(value[0], dict):
             lines.append(f" {json.dumps(name)}: [\n  " + ",\n  ".join(map(json.dumps, value)) + "\n ]")
         else:
             lines.append(f" {json.dumps(name)}: {json.dumps(value)}")
-    tmp.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .data import (
     IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream, encode_document, load_tokenizer,
 )
 from .evaluation import positive_attention_mass
+from .files import replace_directory
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -324,8 +325,7 @@ def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_se
         state = {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
                  "config": dataclasses.asdict(cfg)}
         (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        replace_directory(partial, final)
         for old in sorted(root.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -629,22 +629,30 @@ class LongLlamaCache(Cache):
         """Save the session to the directory `path` (`memory.safetensors` + `session.json`) to reuse it later with
         `LongLlamaCache.load(path, model)`: ingest a document once, ask many questions. `model` defaults to the model
         that filled the cache; its fingerprint is saved so that the session never loads into another model."""
-        from .session_longllama import save_session
-
-        save_session(self, path, model if model is not None else self.model_ref and self.model_ref())
+        _session_store().save_session(self, path, model if model is not None else self.model_ref and self.model_ref())
 
     @classmethod
     def load(cls, path, model) -> "LongLlamaCache":
         """The session saved in `path`, for `model` (which must be the model that saved it: same configuration and
         weights). Each layer's tensors go to that layer's device. Pass it as `cache=` / `past_key_values=`."""
-        from .session_longllama import load_session
-
-        return load_session(path, model)
+        return _session_store().load_session(path, model)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all buffers (allocated capacity, not just the filled part)."""
         return sum(layer.nbytes for layer in self.layers)
+
+
+# Saved sessions are files: the longllama package plugs in the module that writes and reads them on import
+# (`longllama.session`, docs/architecture.md).
+SESSION_STORE = None
+
+
+def _session_store():
+    if SESSION_STORE is None:
+        raise ImportError("saving and loading sessions needs the longllama package: pip install longllama, and "
+                          "`import longllama` before loading the model")
+    return SESSION_STORE
 
 
 def memory_options(config) -> dict:

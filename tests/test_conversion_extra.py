@@ -138,6 +138,7 @@ def test_round_trip_llama_longllama_llama(llama, converted, tmp_path):
     assert out == tmp_path / "back"
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert {"mem_top_k", "mem_index", "mem_index_options", "mem_max_tokens", "mem_keep_first", "mem_device"} <= set(LONGLLAMA_FIELDS)
     assert "auto_map" not in config and not set(LONGLLAMA_FIELDS) & set(config)
     assert config["num_key_value_heads"] == 2
     files = sorted(p.name for p in out.iterdir())

@@ -1,4 +1,7 @@
-"""Saving and loading a LongLLaMA session (`LongLlamaCache.save` / `LongLlamaCache.load`).
+"""Saving and loading a LongLLaMA session (`LongLlamaCache.save` / `LongLlamaCache.load`, docs/memory.md).
+
+The checkpoint code's cache delegates both to this module, which `import longllama` plugs in
+(`memory_longllama.SESSION_STORE`): sessions are files, and how files are written belongs to the package.
 
 A saved session is a directory with two files:
 
@@ -15,12 +18,11 @@ not saved: they are rebuilt from memory on the first search.
 import hashlib
 import json
 import os
-import shutil
-import uuid
 
 import torch
 
-from .memory_longllama import LayerMemory, LongLlamaCache, LongLlamaMemoryLayer, MemoryChunk, MemorySegment
+from .files import atomic_directory
+from .modeling.memory_longllama import LayerMemory, LongLlamaCache, LongLlamaMemoryLayer, MemoryChunk, MemorySegment
 
 FORMAT = "longllama-session"
 VERSION = 1
@@ -98,20 +100,13 @@ def save_session(cache: LongLlamaCache, path: str, model=None) -> None:
         "layers": layers,
     }
 
-    parent = os.path.dirname(os.path.abspath(path))
-    partial = os.path.join(parent, f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
-    os.makedirs(partial)
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with atomic_directory(path) as partial:  # a previous session at `path` stays whole until the new one is in place
         save_file(tensors, os.path.join(partial, TENSORS_FILE), metadata={"format": FORMAT})
         session["sha256"] = _sha256(os.path.join(partial, TENSORS_FILE))
         with open(os.path.join(partial, SESSION_FILE), "w") as f:
             json.dump(session, f, indent=1)
-        _replace_directory(partial, path)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
 
 def load_session(path: str, model) -> LongLlamaCache:
@@ -275,22 +270,6 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _replace_directory(new: str, path: str) -> None:
-    """Move the finished directory `new` to `path`; a previous session there is kept aside until then."""
-    aside = None
-    if os.path.exists(path):
-        aside = f"{new}.previous"
-        os.rename(path, aside)
-    try:
-        os.rename(new, path)
-    except BaseException:
-        if aside is not None:
-            os.rename(aside, path)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 __all__ = ["load_session", "model_fingerprint", "save_session"]
