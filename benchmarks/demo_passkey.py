@@ -1,9 +1,10 @@
 """Passkey accuracy and positive attention mass of demo-recipe models by prompt length (issue 5, docs/demo_model.md).
 
-For each model: `longllama.passkey.run_passkey` (greedy, SPEC section 4 prompts, keys at depths spread over the
-prompt) at every length, and for the same prompts the positive attention mass of the query that predicts the key:
-the share of memory-layer attention (`longllama.evaluation.span_attention_mass`) that the query predicting the key's
-first digit puts on the key line, which sits among up to a thousand windows of filler. Prints a table; writes JSON and a plot.
+For each model: `longllama.passkey.run_passkey` (greedy, the prompts of docs/passkey.md#the-prompt, keys at depths
+spread over the prompt) at every length, and for the same prompts the positive attention mass of the query that predicts
+the key: the share of memory-layer attention (`longllama.evaluation.span_attention_mass`) that the query predicting the
+key's first digit puts on the key line, which sits among up to a thousand windows of filler. Prints a table; writes JSON
+and a plot.
 
     python benchmarks/demo_passkey.py --models fot=demo-run/fot/model,positives=demo-run/positives/model \\
         --lengths 1k,4k,16k,64k,100k,256k --trials 20 --json docs/figures/demo_ablation.json \\

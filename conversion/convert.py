@@ -1,9 +1,9 @@
 """Convert a Hugging Face Llama checkpoint (e.g. OpenLLaMA 3B / 7B) into a drop-in LongLLaMA checkpoint.
 
-The weights keep their Llama names (SPEC 1: memory layers add no parameters), so conversion is a streaming copy:
-source shards are read one tensor at a time, checked against the target config, optionally cast, and written into
-new safetensors shards of at most `shard_size` bytes. Everything goes into a temporary directory next to DST, which
-is renamed to DST only when complete.
+The weights keep their Llama names (docs/inference.md#checkpoint: memory layers add no parameters), so conversion is a
+streaming copy: source shards are read one tensor at a time, checked against the target config, optionally cast, and
+written into new safetensors shards of at most `shard_size` bytes. Everything goes into a temporary directory next to
+DST, which is renamed to DST only when complete.
 
     python -m longllama.conversion ./open_llama_3b ./long_open_llama_3b --mem-layers 6,12,18
 """
@@ -65,7 +65,8 @@ WEIGHT_MAP = {
     "lm_head.weight": "lm_head.weight",
 }
 
-# Memory layers of the published models (SPEC 1), looked up by shape when --mem-layers is not given.
+# Memory layers of the published models (docs/inference.md#checkpoint), looked up by shape when --mem-layers is not
+# given.
 PRESETS = {
     "open_llama_3b": dict(num_hidden_layers=26, hidden_size=3200, mem_layers=[6, 12, 18]),
     "open_llama_7b": dict(num_hidden_layers=32, hidden_size=4096, mem_layers=[8, 16, 24]),

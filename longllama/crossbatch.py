@@ -1,4 +1,4 @@
-"""Which other batch rows each row's memory layers see in FoT crossbatch training (SPEC section 3).
+"""Which other batch rows each row's memory layers see in FoT crossbatch training (docs/training.md#crossbatch-rules).
 
 Pure functions from ints and tensors to tensors: no model, no I/O. The model consumes the result as
 `cross_batch_rows` (`LongLlamaForCausalLM.forward`): row b attends to its own window plus all tokens of the rows
@@ -44,7 +44,7 @@ def cross_batch_ranges(
         positives_only: see only the earlier rows of the same pack (earlier segments of the same document), at most
             `d` of them: memory without negatives (the ablation of the paper, and memory fine-tuning).
 
-    Example (SPEC section 3): `cross_batch_ranges(8, 6, pack_size=4)` is `[0, 1, 2, 3, 0, 3, 6, 6]`.
+    Example (docs/training.md#stepping): `cross_batch_ranges(8, 6, pack_size=4)` is `[0, 1, 2, 3, 0, 3, 6, 6]`.
     """
     _check(batch_size, cross_batch_range, pack_size)
     rows = torch.arange(batch_size)

@@ -7,7 +7,7 @@ last window and every memory layer and head we take the attention distribution (
 and the memory, as the model computes it) and measure:
 
 - `positive`: the share of attention on the document's own keys (its local window and its own memory entries),
-  SPEC section 3's *positive attention mass*;
+  the *positive attention mass* of docs/training.md#distraction;
 - `memory_positive`: the share of the attention *on memory* that falls on its own memory entries (with uniform
   attention over memory this is `own / (own + d)` windows: about 1/d).
 

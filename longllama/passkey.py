@@ -1,4 +1,5 @@
-"""The passkey retrieval benchmark (SPEC section 4, the FoT paper's headline result) and `longllama-passkey`.
+"""The passkey retrieval benchmark (docs/passkey.md#the-prompt, the FoT paper's headline result) and
+`longllama-passkey`.
 
     longllama-passkey path/to/long_llama_3b --lengths 4k,16k,100k --trials 10 --json passkey.json --plot passkey.png
 
@@ -53,7 +54,7 @@ QUESTION = question_line()
 
 
 def prompt_text(key: int, filler_before: str, filler_after: str) -> str:
-    """The prompt as text: task, filler, key line, filler, question, joined by newlines (SPEC section 4)."""
+    """The prompt as text: task, filler, key line, filler, question, joined by newlines (docs/passkey.md#the-prompt)."""
     return "\n".join([TASK, filler_before, key_line(key), filler_after, QUESTION])
 
 

@@ -10,7 +10,8 @@ windows): a question about a fact of an earlier window is only answerable throug
     k3 v1 k9 k9 v4 . . ? k3 v1 k9 k9 v4 . .             a copy document: a random run, later repeated
 
 The value directly follows its key, so a 2-layer model can learn the lookup as an induction head (a previous-token
-head in layer 0, content matching in layer 1). `PasskeyTask` writes passkey-style text documents (SPEC section 4).
+head in layer 0, content matching in layer 1). `PasskeyTask` writes passkey-style text documents
+(docs/passkey.md#the-prompt).
 """
 
 import random
@@ -135,9 +136,9 @@ class FactsTask:
         """A warm-up document: a random run of key and value symbols, then, later, `?` and the same run again; with
         one window both sit in it, with several the run is in an earlier window than its copy (a copy through
         memory). Lengths and positions vary, so only a content lookup (the previous-token/induction mechanism the
-        facts need) predicts the copy; it is learnt much faster than the facts
-        (../shared/reference/demo_model_notes.md). `copy_answers` are the token positions of the copied run after
-        its first word (0 = `<s>`)."""
+        facts need) predicts the copy; it is learnt much faster than the facts (docs/training.md, "Evidence:
+        negatives and the distraction issue"; docs/demo_model.md). `copy_answers` are the token positions of the
+        copied run after its first word (0 = `<s>`)."""
         symbols = [f"k{i}" for i in range(self.symbols)] + [f"v{i}" for i in range(self.values)]
         if self.windows == 1:
             room = self.window - 2
@@ -172,8 +173,8 @@ KEY_NAMES = ["pass", "door", "secret", "magic", "house", "river", "blue", "silve
 
 @dataclass
 class PasskeyTask:
-    """Passkey-style training documents (the benchmark's format, SPEC section 4) with varied filler and key names,
-    answered at the end, so that a model trained on them is not tuned to one prompt.
+    """Passkey-style training documents (the benchmark's format, docs/passkey.md#the-prompt) with varied filler and key
+    names, answered at the end, so that a model trained on them is not tuned to one prompt.
 
     A document is the task line, filler, `keys` key lines (`The {name} key is N. Remember it. N is the {name} key.`,
     distinct names, at random depths), filler, and the question about one of them followed by its answer

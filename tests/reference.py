@@ -2,7 +2,7 @@
 
 This file is test infrastructure: other tests compare the optimised model against it.
 It favours obviousness over speed: plain loops over windows and layers, dense matrices,
-float64 everywhere, no caching tricks. See SPEC.md sections 1 and 2.
+float64 everywhere, no caching tricks. It implements docs/inference.md, sections 1 and 2 (#behaviour).
 
 Semantics (W = max_position_embeddings, L = last_context_length):
 

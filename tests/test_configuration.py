@@ -1,4 +1,5 @@
-"""LongLlamaConfig: SPEC defaults, validation, the published config.json files, and the checkpoint layout (SPEC 1)."""
+"""LongLlamaConfig: the published defaults, validation, the published config.json files, and the checkpoint layout
+(docs/inference.md#checkpoint)."""
 
 import json
 
@@ -16,7 +17,7 @@ from conftest import tiny_config
 # defaults
 # --------------------------------------------------------------------------------------------------------------------
 
-SPEC_DEFAULTS = {
+PUBLISHED_DEFAULTS = {
     "mem_layers": [],
     "mem_positionals": True,
     "mem_dtype": "bfloat16",
@@ -28,7 +29,7 @@ SPEC_DEFAULTS = {
 }
 
 
-@pytest.mark.parametrize("name, default", SPEC_DEFAULTS.items(), ids=list(SPEC_DEFAULTS))
+@pytest.mark.parametrize("name, default", PUBLISHED_DEFAULTS.items(), ids=list(PUBLISHED_DEFAULTS))
 def test_spec_default(name, default):
     config = LongLlamaConfig()
     assert getattr(config, name) == default
@@ -108,7 +109,7 @@ def test_valid_non_default_values_are_accepted():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# published config.json files (SPEC 1)
+# published config.json files (docs/inference.md#checkpoint)
 # --------------------------------------------------------------------------------------------------------------------
 
 PUBLISHED_AUTO_MAP = {

@@ -1,5 +1,6 @@
-"""The converter (SPEC 1, 5): a tiny random transformers LlamaForCausalLM saved in every supported layout converts
-into a drop-in LongLLaMA checkpoint; bad input fails with one ConversionError and leaves nothing behind."""
+"""The converter (docs/inference.md#checkpoint, #beyond): a tiny random transformers LlamaForCausalLM saved in every
+supported layout converts into a drop-in LongLLaMA checkpoint; bad input fails with one ConversionError and leaves
+nothing behind."""
 
 import json
 import os

@@ -1,6 +1,7 @@
-"""FoT crossbatch training (SPEC section 3).
+"""FoT crossbatch training (docs/training.md#crossbatch-rules).
 
-1. The row-selection functions of `longllama.crossbatch`, checked by hand (SPEC tables) and by brute force.
+1. The row-selection functions of `longllama.crossbatch`, checked by hand (the worked examples of
+   docs/training.md#stepping) and by brute force.
 2. The crossbatch forward `LongLlamaForCausalLM(..., cross_batch_rows=rows)`: against the ordinary forward (no extra
    rows), against windowed inference (positives-only packing), against a naive float64 reference written here, and
    its gradients, independence from unlisted rows, padding, gradient checkpointing and argument checks.
@@ -38,7 +39,7 @@ def logits_of(model, input_ids=None, **kwargs) -> torch.Tensor:
 
 
 def spec_range(b: int, d: int, k: int, stepping: bool, positives_only: bool) -> int:
-    """SPEC section 3 in plain integers: extra rows seen by batch row b."""
+    """docs/training.md#stepping in plain integers: extra rows seen by batch row b."""
     i = b % k
     if positives_only:
         r = min(i, d)
@@ -83,7 +84,8 @@ def test_3b_recipe_d3_k4_with_16_rows():
     ranges = cross_batch_ranges(16, 3, pack_size=4)
     assert ranges.tolist() == [0, 1, 2, 3] + [0, 2, 3, 3] * 3
     mix = context_mix(ranges, 4)
-    assert mix[4:].tolist() == [[0, 0], [1, 1], [2, 1], [3, 0]] * 3  # SPEC: 1/4 each of (0,0) (1,1) (2,1) (3,0)
+    # docs/training.md#stepping: 1/4 each of (0,0) (1,1) (2,1) (3,0)
+    assert mix[4:].tolist() == [[0, 0], [1, 1], [2, 1], [3, 0]] * 3
     rows = cross_batch_rows(ranges)
     assert rows.shape == (16, 3)
     assert rows[13].tolist() == [11, 12, -1]  # one negative (row 11, previous pack), one positive (row 12)

@@ -1,5 +1,5 @@
-"""Training data for FoT (`longllama.data`, SPEC section 3): k-packed document streams, memory fine-tuning packs,
-exact resume, sharding, document sources and their error messages; plus the synthetic `FactsTask`.
+"""Training data for FoT (`longllama.data`, docs/training.md#crossbatch-rules): k-packed document streams, memory
+fine-tuning packs, exact resume, sharding, document sources and their error messages; plus the synthetic `FactsTask`.
 
 Every test uses the whitespace word-level tokenizer of `longllama.synthetic` over the words w0..w299: `<s>` = 1,
 `</s>` = 2, `<pad>` = 3, and word `wN` has id N + 4, so expected token ids can be written by hand.
@@ -681,8 +681,9 @@ def test_facts_task_copy_documents_and_excluded_keys(windows):
 
 
 def test_passkey_task_documents():
-    """Benchmark-format documents (exactly the SPEC prompt plus the answer) and varied ones: distinct key names,
-    every key line well formed, the question about one of them answered at `answer_start`, lengths in range."""
+    """Benchmark-format documents (exactly the benchmark prompt of docs/passkey.md#the-prompt plus the answer) and
+    varied ones: distinct key names, every key line well formed, the question about one of them answered at
+    `answer_start`, lengths in range."""
     from longllama.passkey import prompt_text
 
     task = PasskeyTask(min_words=50, max_words=400)

@@ -1,9 +1,9 @@
 """Sessions and generation: LongLlamaCache, token-by-token decoding and generate() against the float64 reference of
-SPEC section 2 (tests/reference.py).
+docs/inference.md#inference (tests/reference.py).
 
 Tiny models (conftest.tiny_model): vocab 99, hidden 32, 4 layers, 4 heads, memory in layer 1, window W=8,
 last_context_length L=4, mem_dtype float32. After a prompt the local cache holds L=4 tokens, so while decoding the
-local context overflows (SPEC 2.7) at the 5th generated token fed back, then at every 8th.
+local context overflows (docs/inference.md#flush, 2.7) at the 5th generated token fed back, then at every 8th.
 """
 
 import pytest
@@ -140,8 +140,8 @@ CONTINUATION_CASES = {
 
 @pytest.mark.parametrize("case", list(CONTINUATION_CASES))
 def test_cached_continuation_of_many_tokens_matches_reference(case):
-    """SPEC 2.8: calls of 13, 3, 30 and 1 tokens on a cache append windows of W to the local context with the
-    overflow rule; each call's logits equal the reference continuing the same session."""
+    """docs/inference.md#continuing-sessions (2.8): calls of 13, 3, 30 and 1 tokens on a cache append windows of W to
+    the local context with the overflow rule; each call's logits equal the reference continuing the same session."""
     model = make_model(**CONTINUATION_CASES[case])
     state_dict, cfg = float64_state_dict(model), RefConfig.from_hf(model.config)
     errors = []
@@ -366,8 +366,8 @@ def test_cache_lengths_after_prompt(prompt_length):
     "fed,memory,local", [(4, 21, 8), (5, 29, 1), (12, 29, 8), (13, 37, 1), (20, 37, 8)], ids=lambda v: str(v)
 )
 def test_cache_lengths_while_decoding(fed, memory, local):
-    """SPEC 2.7 after a 25-token prompt: the whole local context (L=4 plus fed tokens) moves to memory at the 5th
-    token fed back, when it would exceed W=8, then every 8 tokens."""
+    """docs/inference.md#flush (2.7) after a 25-token prompt: the whole local context (L=4 plus fed tokens) moves to
+    memory at the 5th token fed back, when it would exceed W=8, then every 8 tokens."""
     model = make_model()
     cache = LongLlamaCache(model.config)
     greedy(model, random_ids(1, 25, seed=19), fed + 1, cache=cache)

@@ -1,4 +1,5 @@
-"""The session memory (modeling/memory_longllama.py): SequenceBuffer, LongLlamaCache and its layers (SPEC 2, 5)."""
+"""The session memory (modeling/memory_longllama.py): SequenceBuffer, LongLlamaCache and its layers
+(docs/inference.md#inference, #beyond)."""
 
 import math
 

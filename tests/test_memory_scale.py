@@ -1,5 +1,5 @@
-"""Memory at scale (SPEC 5, issue 6): kNN top-k retrieval, bounded memory, int8 storage, offload, saved sessions,
-beam search sharing one memory, device maps."""
+"""Memory at scale (docs/inference.md#beyond, docs/memory.md, issue 6): kNN top-k retrieval, bounded memory, int8
+storage, offload, saved sessions, beam search sharing one memory, device maps."""
 
 import json
 import os

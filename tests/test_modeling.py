@@ -1,4 +1,4 @@
-"""LongLlamaForCausalLM.forward against the float64 reference of SPEC section 2 (tests/reference.py),
+"""LongLlamaForCausalLM.forward against the float64 reference of docs/inference.md#inference (tests/reference.py),
 against transformers' LlamaForCausalLM (the drop-in property), and its argument handling.
 
 Tiny models (conftest.tiny_model): vocab 99, hidden 32, 4 layers, 4 heads, memory in layer 1, window W=8,
@@ -19,7 +19,7 @@ from longllama.modeling.attention_longllama import (
     sdpa_memory_attention_forward,
 )
 
-ATOL = 1e-4  # fp32 model vs float64 reference (SPEC: compatible within 1e-4 on logits)
+ATOL = 1e-4  # fp32 model vs float64 reference (docs/compatibility.md#tolerance: within 1e-4 on logits)
 W, L = 8, 4  # window and last_context_length of tiny_config
 
 
@@ -114,8 +114,8 @@ def test_memory_changes_logits_beyond_last_context_length():
 
 
 def test_without_memory_layers_the_final_window_ignores_earlier_tokens():
-    """mem_layers=[]: nothing crosses a window boundary (SPEC 2.2), so the final window equals a forward of its
-    L tokens alone."""
+    """mem_layers=[]: nothing crosses a window boundary (docs/inference.md#non-memory-layers, 2.2), so the final window
+    equals a forward of its L tokens alone."""
     model = make_model(mem_layers=[])
     ids = random_ids(2, 29, seed=1)
     err = max_err(logits_of(model, ids)[:, -L:], logits_of(model, ids[:, -L:]))
@@ -369,9 +369,9 @@ def test_logits_to_keep_with_output_hidden_states_is_still_a_slice():
 
 @pytest.mark.parametrize("to_keep,upper_calls", [(1, 1), (0, PROMPT // W + 1)], ids=["keep1", "keep_all"])
 def test_layers_above_top_memory_layer_are_skipped(to_keep, upper_calls):
-    """SPEC 5: with only the last logits requested, non-final windows stop at the top memory layer (layer 1), which
-    only writes their keys and values (no attention, no MLP); the layers below still run once per window (6 windows).
-    The logits are unchanged (test_logits_to_keep_is_a_slice_of_full_logits)."""
+    """docs/inference.md#beyond: with only the last logits requested, non-final windows stop at the top memory layer
+    (layer 1), which only writes their keys and values (no attention, no MLP); the layers below still run once per
+    window (6 windows). The logits are unchanged (test_logits_to_keep_is_a_slice_of_full_logits)."""
     model = make_model()
     calls = {i: 0 for i in range(4)}
     hooks = [

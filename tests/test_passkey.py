@@ -1,5 +1,5 @@
-"""The passkey benchmark (`longllama.passkey`, SPEC section 4): prompt format, exact token lengths, depth, seeding,
-scoring, and `longllama-passkey` end to end on a tiny random LongLLaMA checkpoint.
+"""The passkey benchmark (`longllama.passkey`, docs/passkey.md#the-prompt): prompt format, exact token lengths, depth,
+seeding, scoring, and `longllama-passkey` end to end on a tiny random LongLLaMA checkpoint.
 
 Tokenizers are trained in-process on the passkey text: sentencepiece BPE with split digits, Llama-like (identity
 normalisation, newlines as byte tokens) and OpenLLaMA-like (nmt_nfkc, newlines become spaces), plus a GPT-2-style

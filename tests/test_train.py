@@ -1,5 +1,5 @@
 """`longllama-train` (`longllama.train`) end to end on a tiny model, and the FoT distraction measure
-(`longllama.evaluation.positive_attention_mass`, SPEC section 3).
+(`longllama.evaluation.positive_attention_mass`, docs/training.md#distraction).
 
 Every run trains from scratch (`--init-config`) a LongLLaMA of hidden 32, 2 layers, 2 heads, memory in layer 1,
 window 16, on ~200 `FactsTask` documents (exactly 2 windows each) with the word-level tokenizer: a step takes
