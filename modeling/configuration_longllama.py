@@ -8,8 +8,9 @@ from dataclasses import field
 from typing import Any
 
 import torch
-from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
+
+from .compat_longllama import STRICT_CONFIGS, config_class
 
 MEM_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8")
 MEM_INDEXES = ("exact", "faiss", "hnswlib")
@@ -23,7 +24,7 @@ AUTO_MAP = {
 }
 
 
-@strict
+@config_class
 class LongLlamaConfig(LlamaConfig):
     r"""
     Configuration of a LongLLaMA model (Focused Transformer, arXiv 2307.03170): a Llama decoder whose
@@ -110,7 +111,8 @@ class LongLlamaConfig(LlamaConfig):
         if isinstance(self.mem_attention_grouping, tuple):
             self.mem_attention_grouping = list(self.mem_attention_grouping)
         self.mem_layers = sorted(self.mem_layers)
-        super().__post_init__(**kwargs)
+        if STRICT_CONFIGS:  # before transformers 5.10, LlamaConfig.__init__ has run (see config_class)
+            super().__post_init__(**kwargs)
         # Our code files replace whatever the checkpoint named before (e.g. a classification head we do not ship).
         self.auto_map = dict(AUTO_MAP)
         if not self.architectures:
