@@ -25,11 +25,14 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 from transformers.utils import logging
-from transformers.utils.deprecation import deprecate_kwarg
 
 from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value, topk_memory_attention_forward
+from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
 from .configuration_longllama import LongLlamaConfig, check_top_k
 from .memory_longllama import LongLlamaCache, cache_fingerprint
+
+# transformers 4.57 and 5.0 copy to their module cache only the files that an auto_map module imports itself
+from .knn_longllama import make_index  # noqa: F401
 
 # Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
 PROGRESS_WINDOWS = 16
@@ -169,11 +172,13 @@ class LongLlamaAttention(LlamaAttention):
         needs from the top memory layer when no layer above it runs (exact; SPEC 5)."""
         _, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings, queries=False)
         if window.stores_local:
-            cache.update(key_states, value_states, self.layer_idx, raw_keys=raw_key_states)
+            # the layer's own update: Cache.update of transformers 4.57 and 5.0 drops keyword arguments (raw_keys)
+            cache.layers[self.layer_idx].update(key_states, value_states, raw_keys=raw_key_states)
         else:
             cache.layers[self.layer_idx].add_to_memory(raw_key_states, value_states, window.valid)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, window=None, **kwargs):
+        cache = kwargs.get(CACHE_NAME, cache)  # transformers < 5.24: the decoder layer passes `past_key_values`
         input_shape = hidden_states.shape[:-1]
         query_states, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings)
 
@@ -192,9 +197,7 @@ class LongLlamaAttention(LlamaAttention):
         else:
             layer_cache = cache.layers[self.layer_idx]
             if window.stores_local:
-                key_states, value_states = cache.update(
-                    key_states, value_states, self.layer_idx, raw_keys=raw_key_states
-                )
+                key_states, value_states = layer_cache.update(key_states, value_states, raw_keys=raw_key_states)
             memory = layer_cache.memory_store if layer_cache.memory_length > 0 else None
         attention_function = self.attention_function
         top_k = window.mem_top_k
@@ -274,7 +277,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,8 +371,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if output_hidden_states:
             all_hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_states))
             all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, cache=session if use_cache else None, hidden_states=all_hidden_states
+        return with_cache(
+            BaseModelOutputWithPast, session if use_cache else None,
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states,
         )
 
     def _process_window(
@@ -410,8 +414,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 hidden_states,
                 attention_mask=bias,
                 position_embeddings=position_embeddings,
-                cache=session if window.stores_local or is_memory_layer else None,
                 window=inputs,
+                **{CACHE_NAME: session if window.stores_local or is_memory_layer else None},
             )
             if all_states:
                 states.append(hidden_states)
@@ -553,7 +557,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -603,16 +607,16 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             mem_top_k=mem_top_k,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states, session = outputs.last_hidden_state, getattr(outputs, CACHE_NAME)
         if repeats > 1:
-            outputs.cache.batch_repeat_interleave(repeats)
+            session.batch_repeat_interleave(repeats)
             hidden_states = hidden_states.repeat_interleave(repeats, dim=0)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+        return with_cache(
+            CausalLMOutputWithPast, session, loss=loss, logits=logits, hidden_states=outputs.hidden_states
         )
 
     def _shared_prefill_repeats(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> int:
