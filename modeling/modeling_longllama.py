@@ -83,7 +83,7 @@ def cross_batch_memory(key_states, value_states, valid, rows):
 
 
 def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):
-    """Cut `num_tokens` new tokens into windows (SPEC 2.1, 2.7, 2.8).
+    """Cut `num_tokens` new tokens into windows (docs/inference.md#windows, #flush, #continuing-sessions).
 
     The last `last_context_length` tokens form the final window; the tokens before are cut into windows of `window`
     from the start. In a fresh session the non-final windows stand alone and only write memory; in a continuing
@@ -103,7 +103,7 @@ def plan_windows(num_tokens: int, window: int, last_context_length: int, local_l
 
 
 def assign_depths(plan: list[Window], requested: torch.Tensor, num_layers: int, memory_depth: int) -> None:
-    """Decide which windows run every layer; the rest stop after the top memory layer (exact, SPEC 5).
+    """Decide which windows run every layer; the rest stop after the top memory layer (exact; docs/inference.md#beyond).
 
     A window runs all layers if some of its hidden states are requested, if it is the final window (it fills the
     local cache of every layer), or if a later fully-run window shares its local context (no flush in between).
@@ -169,7 +169,7 @@ class LongLlamaAttention(LlamaAttention):
 
     def write(self, hidden_states, position_embeddings, cache, window) -> None:
         """Only store this window's keys and values (local context or memory), without attending: what a window
-        needs from the top memory layer when no layer above it runs (exact; SPEC 5)."""
+        needs from the top memory layer when no layer above it runs (exact; docs/inference.md#beyond)."""
         _, key_states, value_states, raw_key_states = self._project(hidden_states, position_embeddings, queries=False)
         if window.stores_local:
             # the layer's own update: Cache.update of transformers 4.57 and 5.0 drops keyword arguments (raw_keys)
