@@ -8,20 +8,21 @@ so LongLLaMA checkpoints (ours and the published ones) load with our classes, an
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from . import hnsw, search, session
+from . import crossbatch, hnsw, search, session
 from .demo import demo_checkpoint
 from .modeling import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, LongLlamaTokenizer
-from .modeling import memory_longllama
+from .modeling import cache_longllama, modeling_longllama
 from .modeling.knn_longllama import INDEX_BACKENDS
 
 AutoConfig.register(LongLlamaConfig.model_type, LongLlamaConfig, exist_ok=True)
 AutoModel.register(LongLlamaConfig, LongLlamaModel, exist_ok=True)
 AutoModelForCausalLM.register(LongLlamaConfig, LongLlamaForCausalLM, exist_ok=True)
 AutoTokenizer.register(LongLlamaConfig, slow_tokenizer_class=LongLlamaTokenizer, exist_ok=True)
-# What the package plugs into the checkpoint code (docs/architecture.md): faster and optional kNN backends, and
-# saved sessions.
+# What the package plugs into the checkpoint code (docs/architecture.md): faster and optional kNN backends, saved
+# sessions and crossbatch training.
 INDEX_BACKENDS.update(exact=search.ExactIndex, faiss=hnsw.FaissIndex, hnswlib=hnsw.HnswlibIndex)
-memory_longllama.SESSION_STORE = session
+cache_longllama.SESSION_STORE = session
+modeling_longllama.CROSS_BATCH = crossbatch
 
 __version__ = "0.1.0"
 

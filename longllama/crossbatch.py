@@ -2,7 +2,9 @@
 
 Pure functions from ints and tensors to tensors: no model, no I/O. The model consumes the result as
 `cross_batch_rows` (`LongLlamaForCausalLM.forward`): row b attends to its own window plus all tokens of the rows
-listed for it, in one softmax, with gradients into those rows' keys and values.
+listed for it, in one softmax, with gradients into those rows' keys and values. The model's memory layers build that
+memory with `memory` (and check the rows with `check_rows`): `import longllama` plugs this module into the checkpoint
+code (docs/architecture.md).
 
 Layout: the batch is made of packs of `pack_size` (k) consecutive rows; the rows of one pack are consecutive segments
 of one document stream (`longllama.data`). For row i of a pack, the rows before it inside the pack are earlier
@@ -99,4 +101,53 @@ def row_documents(batch_size: int, pack_size: int) -> torch.Tensor:
     return torch.arange(batch_size) // pack_size
 
 
-__all__ = ["context_mix", "cross_batch_ranges", "cross_batch_rows", "row_documents"]
+# ---------------------------------------------------------------------------------------------------------------------
+# What the model calls (plugged into the checkpoint code as `modeling_longllama.CROSS_BATCH` by `import longllama`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_rows(rows: torch.Tensor, cache, batch_size: int, num_tokens: int, window: int) -> None:
+    """Check a forward's `cross_batch_rows` `[B, R]`: integer rows, each `-1` or an earlier row; one window per row."""
+    if cache is not None:
+        raise ValueError("cross_batch_rows is a training forward without a session: do not pass a cache.")
+    if rows.dim() != 2 or rows.shape[0] != batch_size or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+        raise ValueError(
+            f"cross_batch_rows must be an integer tensor of shape [batch={batch_size}, R], got "
+            f"{rows.dtype} {tuple(rows.shape)}; build it with longllama.crossbatch.cross_batch_rows()."
+        )
+    earlier = torch.arange(batch_size, device=rows.device)[:, None]
+    if bool(((rows < -1) | (rows >= earlier)).any()):
+        raise ValueError(
+            "cross_batch_rows[b] may only name earlier rows (0 <= row < b) or -1: a row must never see itself or "
+            "a later row, whose tokens it is predicting or has not seen."
+        )
+    ordered = rows.sort(dim=1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError("cross_batch_rows names a row twice for the same row: its keys would count twice.")
+    if num_tokens > window:
+        raise ValueError(
+            f"With cross_batch_rows every row is one local window, but the rows have {num_tokens} tokens and the "
+            f"window (max_position_embeddings) is {window}: cut the rows into windows (longllama.data does this)."
+        )
+
+
+def memory(key_states, value_states, valid, rows):
+    """The crossbatch memory of every row: the unrotated keys and values of the rows it may see.
+
+    key_states, value_states `[B, Hkv, t, D]` (keys unrotated, i.e. as if at position 0), valid `[B, t]` bool,
+    rows `[B, R]` long: row b sees all tokens of rows `rows[b]`, `-1` for none (`cross_batch_rows`).
+    Returns `(mem_keys [B, Hkv, R*t, D], mem_values, mem_valid [B, R*t])`, or None if R == 0. Gradients flow into
+    the other rows' keys and values.
+    """
+    B, Hkv, t, D = key_states.shape
+    R = rows.shape[1]
+    if R == 0:
+        return None
+    index = rows.long().clamp(min=0)
+    mem_keys = key_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)  # [B, R, Hkv, t, D] -> ...
+    mem_values = value_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)
+    mem_valid = (valid[index] & (rows >= 0)[:, :, None]).reshape(B, R * t)
+    return mem_keys, mem_values, mem_valid
+
+
+__all__ = ["check_rows", "context_mix", "cross_batch_ranges", "cross_batch_rows", "memory", "row_documents"]

@@ -1,7 +1,7 @@
 """Saving and loading a LongLLaMA session (`LongLlamaCache.save` / `LongLlamaCache.load`, docs/memory.md).
 
 The checkpoint code's cache delegates both to this module, which `import longllama` plugs in
-(`memory_longllama.SESSION_STORE`): sessions are files, and how files are written belongs to the package.
+(`cache_longllama.SESSION_STORE`): sessions are files, and how files are written belongs to the package.
 
 A saved session is a directory with two files:
 
@@ -22,7 +22,8 @@ import os
 import torch
 
 from .files import atomic_directory
-from .modeling.memory_longllama import LayerMemory, LongLlamaCache, LongLlamaMemoryLayer, MemoryChunk, MemorySegment
+from .modeling.cache_longllama import LongLlamaCache, MemoryCacheLayer
+from .modeling.memory_longllama import LayerMemory, MemoryChunk, MemorySegment
 
 FORMAT = "longllama-session"
 VERSION = 1
@@ -158,7 +159,7 @@ def _layer_state(layer, prefix: str, tensors: dict) -> dict:
     for name, buffer in (("keys", layer._keys), ("values", layer._values)):
         if buffer.length > 0:
             tensors[f"{prefix}.{name}"] = buffer.view()
-    if not isinstance(layer, LongLlamaMemoryLayer):
+    if not isinstance(layer, MemoryCacheLayer):
         return {}
     if layer._raw_keys.length > 0:
         tensors[f"{prefix}.raw_keys"] = layer._raw_keys.view()
@@ -184,7 +185,7 @@ def _load_layer(layer, state: dict, prefix: str, tensors: dict, device: torch.de
         layer.lazy_initialization(tensors[f"{prefix}.keys"], None)
         layer._keys.append(tensors[f"{prefix}.keys"].to(device))
         layer._values.append(tensors[f"{prefix}.values"].to(device))
-    if not isinstance(layer, LongLlamaMemoryLayer):
+    if not isinstance(layer, MemoryCacheLayer):
         return
     if f"{prefix}.raw_keys" in tensors:
         layer._raw_keys.append(tensors[f"{prefix}.raw_keys"].to(device))

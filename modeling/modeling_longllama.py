@@ -3,13 +3,12 @@
 Implements the inference of the Focused Transformer (Tworkowski et al., "Focused Transformer: Contrastive Training
 for Context Scaling", arXiv 2307.03170) on top of `transformers.models.llama` (5.x): non-memory layers are the stock
 `LlamaDecoderLayer`; memory layers replace only the attention. A long input is processed window by window
-(`plan_windows`); the memory travels inside a `LongLlamaCache` (`cache` / `past_key_values`).
+(`windows_longllama.py`); the memory travels inside a `LongLlamaCache` (`cache` / `past_key_values`).
 
 This folder is copied into every checkpoint directory, so it imports only torch, transformers and its own files.
 """
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -28,112 +27,26 @@ from transformers.utils import logging
 
 from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value, topk_memory_attention_forward
 from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
+from .cache_longllama import LongLlamaCache, cache_fingerprint
 from .configuration_longllama import LongLlamaConfig, check_top_k
-from .memory_longllama import LongLlamaCache, cache_fingerprint
+from .windows_longllama import Window, WindowInputs, assign_depths, first_position, plan_windows, requested_positions
 
 # transformers 4.57 and 5.0 copy to their module cache only the files that an auto_map module imports itself
 from .knn_longllama import make_index  # noqa: F401
+from .memory_longllama import LayerMemory  # noqa: F401
 
 # Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
 PROGRESS_WINDOWS = 16
+# FoT crossbatch training (`cross_batch_rows`, docs/training.md) is the package's: `import longllama` plugs in
+# `longllama.crossbatch`, which checks the rows (`check_rows`) and builds the other rows' memory (`memory`).
+CROSS_BATCH = None
 
 
-@dataclass
-class Window:
-    """One step of the window schedule of a forward call: tokens `[start, end)` of the call."""
-
-    start: int
-    end: int
-    stores_local: bool  # joins the local context (the final window, or any window of a continuing session)
-    flush: bool  # the whole local context leaves before this window (to memory in memory layers)
-    depth: int = 0  # decoder layers to run
-    keep: bool = False  # some of its hidden states are returned
-
-
-@dataclass
-class WindowInputs:
-    """What the memory layers need about the window being processed (shared by all layers)."""
-
-    stores_local: bool
-    visible: torch.Tensor  # [B, 1, t, n] bool: causal mask and padding of the local context
-    valid: torch.Tensor  # [B, t] bool: the window's tokens that are not padding
-    is_causal: bool = False  # `visible` is exactly the causal mask of a window that is its whole local context
-    self_contained: bool = False  # the whole input is this one window and nothing is remembered: no cache needed
-    cross_batch_rows: torch.Tensor | None = None  # [B, R] crossbatch training: rows whose keys each row also sees
-    mem_top_k: int | None = None  # kNN retrieval from the session memory (None: dense)
-
-
-def cross_batch_memory(key_states, value_states, valid, rows):
-    """The crossbatch memory of every row: the unrotated keys and values of the rows it may see (FoT training).
-
-    key_states, value_states `[B, Hkv, t, D]` (keys unrotated, i.e. as if at position 0), valid `[B, t]` bool,
-    rows `[B, R]` long: row b sees all tokens of rows `rows[b]`, `-1` for none (see `longllama.crossbatch`).
-    Returns `(mem_keys [B, Hkv, R*t, D], mem_values, mem_valid [B, R*t])`, or None if R == 0. Gradients flow into
-    the other rows' keys and values.
-    """
-    B, Hkv, t, D = key_states.shape
-    R = rows.shape[1]
-    if R == 0:
-        return None
-    index = rows.long().clamp(min=0)
-    mem_keys = key_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)  # [B, R, Hkv, t, D] -> ...
-    mem_values = value_states[index].permute(0, 2, 1, 3, 4).reshape(B, Hkv, R * t, D)
-    mem_valid = (valid[index] & (rows >= 0)[:, :, None]).reshape(B, R * t)
-    return mem_keys, mem_values, mem_valid
-
-
-def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):
-    """Cut `num_tokens` new tokens into windows (docs/inference.md#windows, #flush, #continuing-sessions).
-
-    The last `last_context_length` tokens form the final window; the tokens before are cut into windows of `window`
-    from the start. In a fresh session the non-final windows stand alone and only write memory; in a continuing
-    session every window joins the local context, which is flushed whole when it would exceed `window`.
-    """
-    prefix = max(num_tokens - last_context_length, 0)
-    bounds = [(start, min(start + window, prefix)) for start in range(0, prefix, window)]
-    bounds.append((prefix, num_tokens))
-    plan = []
-    for start, end in bounds:
-        stores_local = end == num_tokens or not fresh
-        flush = stores_local and local_length > 0 and local_length + end - start > window
-        if stores_local:
-            local_length = end - start if flush else local_length + end - start
-        plan.append(Window(start, end, stores_local, flush))
-    return plan
-
-
-def assign_depths(plan: list[Window], requested: torch.Tensor, num_layers: int, memory_depth: int) -> None:
-    """Decide which windows run every layer; the rest stop after the top memory layer (exact; docs/inference.md#beyond).
-
-    A window runs all layers if some of its hidden states are requested, if it is the final window (it fills the
-    local cache of every layer), or if a later fully-run window shares its local context (no flush in between).
-    """
-    is_requested = torch.zeros(plan[-1].end, dtype=torch.bool)
-    is_requested[requested] = True
-    needed_later = False
-    for w in reversed(plan):
-        w.keep = bool(is_requested[w.start : w.end].any())
-        full = w.keep or w is plan[-1] or (w.stores_local and needed_later)
-        w.depth = num_layers if full else memory_depth
-        needed_later = w.stores_local and full and not w.flush
-
-
-def first_position(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """`[B]` position id of the first non-padding token of each row (the row minimum if all is padding).
-
-    Rotary positions count from there, so a left-padded row computes what the row alone computes. For unpadded
-    input this is the published rule (positions relative to the minimum of the local context)."""
-    first = position_ids.gather(1, valid.int().argmax(dim=1, keepdim=True)).squeeze(1)
-    return torch.where(valid.any(dim=1), first, position_ids.min(dim=1).values)
-
-
-def requested_positions(num_tokens: int, to_keep: int | torch.Tensor) -> torch.Tensor:
-    """Positions whose hidden states are returned: `0` all, an int `k` the last k, a 1-D tensor those indices."""
-    if isinstance(to_keep, int):
-        return torch.arange(0 if to_keep == 0 else max(num_tokens - to_keep, 0), num_tokens)
-    if to_keep.dim() != 1:
-        raise ValueError("logits_to_keep must be an int or a 1-D tensor of positions for LongLLaMA.")
-    return to_keep.detach().long().cpu() % num_tokens
+def _cross_batch():
+    if CROSS_BATCH is None:
+        raise ImportError("crossbatch training (cross_batch_rows) needs the longllama package: pip install longllama, "
+                          "and `import longllama` before loading the model")
+    return CROSS_BATCH
 
 
 class LongLlamaAttention(LlamaAttention):
@@ -193,7 +106,7 @@ class LongLlamaAttention(LlamaAttention):
             # a single window and no session (training): the only memory is the crossbatch one
             memory = None
             if window.cross_batch_rows is not None:
-                memory = cross_batch_memory(raw_key_states, value_states, window.valid, window.cross_batch_rows)
+                memory = _cross_batch().memory(raw_key_states, value_states, window.valid, window.cross_batch_rows)
         else:
             layer_cache = cache.layers[self.layer_idx]
             if window.stores_local:
@@ -327,7 +240,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         if num_tokens == 0:
             raise ValueError("The input has no tokens.")
         if cross_batch_rows is not None:
-            self._check_cross_batch_rows(cross_batch_rows, cache, batch_size, num_tokens)
+            _cross_batch().check_rows(cross_batch_rows, cache, batch_size, num_tokens, self.window_size)
             use_cache, last_context_length = False, num_tokens  # each row is one window; nothing is remembered
         session = self._session(cache, batch_size, use_cache)
         valid = self._token_validity(attention_mask, session, batch_size, num_tokens, inputs.device)
@@ -437,31 +350,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             has_token = session.local_valid.any(dim=1)
             session.position_origin = torch.where(has_token, session.position_origin, first_position(positions, valid))
             session.local_valid = torch.cat([session.local_valid, valid], dim=1)
-
-    def _check_cross_batch_rows(self, rows, cache, batch_size: int, num_tokens: int) -> None:
-        """Crossbatch training input: `[B, R]` integer rows, each `-1` or an earlier row; one window per row."""
-        if cache is not None:
-            raise ValueError("cross_batch_rows is a training forward without a session: do not pass a cache.")
-        if rows.dim() != 2 or rows.shape[0] != batch_size or rows.dtype.is_floating_point or rows.dtype == torch.bool:
-            raise ValueError(
-                f"cross_batch_rows must be an integer tensor of shape [batch={batch_size}, R], got "
-                f"{rows.dtype} {tuple(rows.shape)}; build it with longllama.crossbatch.cross_batch_rows()."
-            )
-        earlier = torch.arange(batch_size, device=rows.device)[:, None]
-        if bool(((rows < -1) | (rows >= earlier)).any()):
-            raise ValueError(
-                "cross_batch_rows[b] may only name earlier rows (0 <= row < b) or -1: a row must never see itself or "
-                "a later row, whose tokens it is predicting or has not seen."
-            )
-        ordered = rows.sort(dim=1).values
-        if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
-            raise ValueError("cross_batch_rows names a row twice for the same row: its keys would count twice.")
-        if num_tokens > self.window_size:
-            raise ValueError(
-                f"With cross_batch_rows every row is one local window, but the rows have {num_tokens} tokens and the "
-                f"window (max_position_embeddings) is {self.window_size}: cut the rows into windows "
-                "(longllama.data does this)."
-            )
 
     def _session(self, cache, batch_size: int, use_cache: bool) -> LongLlamaCache:
         """The cache that holds this call's session: the one passed in, or a new one."""
@@ -674,4 +562,4 @@ LongLlamaConfig.register_for_auto_class()
 LongLlamaModel.register_for_auto_class("AutoModel")
 LongLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["LongLlamaCache", "LongLlamaForCausalLM", "LongLlamaModel", "LongLlamaPreTrainedModel", "plan_windows"]
+__all__ = ["LongLlamaCache", "LongLlamaForCausalLM", "LongLlamaModel", "LongLlamaPreTrainedModel"]

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import longllama  # noqa: F401  (registers the longllama model type)
 from longllama import LongLlamaForCausalLM
-from longllama.modeling.memory_longllama import LongLlamaMemoryLayer
+from longllama.modeling.cache_longllama import MemoryCacheLayer
 
 from conftest import CODE_FILES, IMPORT_BLOCKER, MODELING_DIR, llama_config_like, tiny_model
 
@@ -349,7 +349,7 @@ def test_bfloat16_model_stores_memory_in_mem_dtype(tmp_path, mem_dtype):
     assert cache.memory_length() == NUM_TOKENS - 4
     for idx in (1, 3):
         layer = cache.layers[idx]
-        assert isinstance(layer, LongLlamaMemoryLayer)
+        assert isinstance(layer, MemoryCacheLayer)
         keys, values, _ = layer.memory()
         assert keys.dtype == values.dtype == getattr(torch, mem_dtype)
         assert layer.keys.dtype == torch.bfloat16  # the local context stays in the compute dtype

@@ -1,19 +1,13 @@
-"""The session memory (modeling/memory_longllama.py): SequenceBuffer, LongLlamaCache and its layers
-(docs/inference.md#inference, #beyond)."""
+"""The session memory (modeling/memory_longllama.py, modeling/cache_longllama.py): SequenceBuffer, LongLlamaCache and
+its layers (docs/inference.md#inference, #beyond)."""
 
 import math
 
 import pytest
 import torch
 
-from longllama.modeling.memory_longllama import (
-    GROWTH,
-    MIN_CAPACITY,
-    LongLlamaCache,
-    LongLlamaLocalLayer,
-    LongLlamaMemoryLayer,
-    SequenceBuffer,
-)
+from longllama.modeling.cache_longllama import LocalCacheLayer, LongLlamaCache, MemoryCacheLayer
+from longllama.modeling.memory_longllama import GROWTH, MIN_CAPACITY, SequenceBuffer
 
 from conftest import tiny_config, tiny_model
 
@@ -35,7 +29,7 @@ def filled_memory_bytes(cache: LongLlamaCache) -> int:
     """Bytes of the filled part of every memory layer's memory (keys, values, validity), not the capacity."""
     total = 0
     for layer in cache.layers:
-        if isinstance(layer, LongLlamaMemoryLayer) and layer.memory() is not None:
+        if isinstance(layer, MemoryCacheLayer) and layer.memory() is not None:
             total += sum(t.numel() * t.element_size() for t in layer.memory())
     return total
 
@@ -124,10 +118,10 @@ def test_sequence_buffer_clear_then_append_of_another_batch_size():
 def test_cache_layer_types():
     cache = LongLlamaCache(tiny_config(mem_layers=[0, 2]))
     assert [type(layer) for layer in cache.layers] == [
-        LongLlamaMemoryLayer,
-        LongLlamaLocalLayer,
-        LongLlamaMemoryLayer,
-        LongLlamaLocalLayer,
+        MemoryCacheLayer,
+        LocalCacheLayer,
+        MemoryCacheLayer,
+        LocalCacheLayer,
     ]
     assert cache.get_seq_length() == 0 and cache.memory_length() == 0 and cache.local_length == 0
     assert LongLlamaCache(tiny_config(mem_layers=[])).memory_length() == 0
@@ -139,10 +133,10 @@ def test_cache_lengths_after_prompt(tokens):
     cache = prefill(model, random_ids(2, tokens)).cache
     assert isinstance(cache, LongLlamaCache)
     assert [type(layer) for layer in cache.layers] == [
-        LongLlamaLocalLayer,
-        LongLlamaMemoryLayer,
-        LongLlamaMemoryLayer,
-        LongLlamaLocalLayer,
+        LocalCacheLayer,
+        MemoryCacheLayer,
+        MemoryCacheLayer,
+        LocalCacheLayer,
     ]
     local = min(tokens, L)
     assert cache.get_seq_length() == tokens
@@ -242,7 +236,7 @@ def test_reset_behaves_like_a_fresh_cache():
     assert all(layer.get_seq_length() == 0 for layer in cache.layers)
     assert cache.layers[1].memory() is None
     assert 0 < cache.nbytes < nbytes  # local contexts keep their allocations; memory is freed
-    assert all(layer.memory_store.nbytes == 0 for layer in cache.layers if isinstance(layer, LongLlamaMemoryLayer))
+    assert all(layer.memory_store.nbytes == 0 for layer in cache.layers if isinstance(layer, MemoryCacheLayer))
 
     ids = random_ids(2, 21, seed=6)
     with torch.no_grad():
@@ -324,11 +318,11 @@ def test_reorder_cache_swaps_rows_and_shares_memory():
     model = tiny_model(0)
     ids = random_ids(2, 20)
     cache = prefill(model, ids).cache
-    memory = [chunk.keys.data for layer in cache.layers if isinstance(layer, LongLlamaMemoryLayer)
+    memory = [chunk.keys.data for layer in cache.layers if isinstance(layer, MemoryCacheLayer)
               for _, chunk in layer.memory_store.chunks()]
     cache.reorder_cache(torch.tensor([1, 0]))
     # memory is remapped, not copied
-    assert [chunk.keys.data for layer in cache.layers if isinstance(layer, LongLlamaMemoryLayer)
+    assert [chunk.keys.data for layer in cache.layers if isinstance(layer, MemoryCacheLayer)
             for _, chunk in layer.memory_store.chunks()] == memory
     swapped = prefill(model, ids.flip(0)).cache
     step = random_ids(2, 9, seed=1)  # crosses the window: the local context of each row moves to (its) memory

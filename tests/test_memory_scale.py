@@ -14,7 +14,8 @@ from longllama import LongLlamaCache, LongLlamaForCausalLM
 from longllama import hnsw
 from longllama.modeling import memory_longllama
 from longllama.modeling.attention_longllama import blockwise_memory_attention_forward, topk_memory_attention_forward
-from longllama.modeling.memory_longllama import LayerMemory, LongLlamaMemoryLayer
+from longllama.modeling.cache_longllama import MemoryCacheLayer
+from longllama.modeling.memory_longllama import LayerMemory
 
 W, L = 8, 4  # tiny_config: window 8, last_context_length 4
 ATOL = 1e-4
@@ -35,7 +36,7 @@ def run(model, ids, **kwargs):
 
 
 def memory_layers(cache):
-    return [layer for layer in cache.layers if isinstance(layer, LongLlamaMemoryLayer)]
+    return [layer for layer in cache.layers if isinstance(layer, MemoryCacheLayer)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
