@@ -27,65 +27,32 @@ AUTO_MAP = {
 @config_class
 class LongLlamaConfig(LlamaConfig):
     r"""
-    Configuration of a LongLLaMA model (Focused Transformer, arXiv 2307.03170): a Llama decoder whose
-    `mem_layers` attend to their local window plus an external memory of (key, value) pairs.
+    Configuration of a LongLLaMA model (Focused Transformer, arXiv 2307.03170): a Llama decoder whose `mem_layers`
+    attend to their local window plus an external memory of (key, value) pairs. The fields beyond [`LlamaConfig`]
+    (docs/inference.md#checkpoint, docs/memory.md); their defaults give the published behaviour:
 
-    Args beyond [`LlamaConfig`]:
-        mem_layers (`list[int]`, defaults to `[]`):
-            0-based indices of the decoder layers with memory; `[]` turns memory off.
-        mem_positionals (`bool`, defaults to `True`):
-            If `False`, memory layers use no rotary encoding at all (local keys and queries included).
-        mem_dtype (`str`, defaults to `"bfloat16"`):
-            Name of the torch dtype in which memory keys and values are stored. They are cast back to the compute
-            dtype when read, so with `"bfloat16"` memory is bf16-rounded even in an fp32 model. `"int8"` stores
-            every key and value vector as int8 with a float16 absmax scale (an approximation: about 0.4% error).
-        mem_top_k (`int`, *optional*):
-            kNN retrieval: each memory-layer query attends to its local context plus its `mem_top_k` memory keys of
-            highest inner product (per query head, searched among its KV head's keys), in the same softmax. `None`
-            (the published behaviour) attends to all of memory. Also a `forward` / `generate` argument. With
-            `mem_top_k` at least the memory size the result is exactly the dense one. Crossbatch training is dense.
-        mem_index (`str`, defaults to `"exact"`):
-            Top-k search backend: `"exact"` (blockwise matmul + top-k in torch), or the approximate `"faiss"` /
-            `"hnswlib"` (HNSW graphs; `pip install "longllama[faiss]"` / `"longllama[hnswlib]"`).
-        mem_index_options (`dict`, *optional*):
-            Options of the backend, e.g. `{"M": 32, "ef_search": 4096}` for the HNSW backends.
-        mem_max_tokens (`int`, *optional*):
-            Bound on the entries each memory layer keeps (per row, padding included). Beyond it the oldest entries
-            are evicted first-in first-out, except the first `mem_keep_first`. At least one window plus
-            `mem_keep_first`. `None`: memory grows without bound (the published behaviour).
-        mem_keep_first (`int`, defaults to 0):
-            With `mem_max_tokens`: the first this-many memory entries of a session are never evicted.
-        mem_device (`str`, *optional*):
-            Device of the memory (e.g. `"cpu"` to offload a GPU model's memory to host RAM; top-k search runs there
-            and only the selected values move). Default: each layer's memory lives on that layer's device.
-        mem_attention_grouping (`list[int]`, *optional*):
-            `[heads_per_group, queries_per_group]`: the published way of bounding the memory of memory attention.
-            It is mathematically a no-op; only the `"eager"` kernel uses it (the default kernel is blockwise).
-        mem_attention_implementation (`str`, *optional*):
-            Kernel of the memory layers: `"blockwise"` (default: memory in blocks with a running log-sum-exp, never
-            materialising `[queries x memory]` scores), `"eager"` (the published dense computation, honours
-            `mem_attention_grouping`) or `"sdpa"` (concatenated keys through `scaled_dot_product_attention`).
-            All three compute the same function.
-        last_context_length (`int`, defaults to 1024):
-            The last this-many tokens of a long input form the final local window (they are not written to
-            memory). Can be overridden per `forward` / `generate` call.
-        torch_attention (`bool`, defaults to `False`):
-            Published flag choosing `scaled_dot_product_attention` over eager attention. Kept for compatibility; it
-            does not pick the kernel: the default `"blockwise"` kernel already runs on the fused SDPA kernel (on CPU)
-            and, unlike a concatenating `"sdpa"` kernel, stays linear in the memory size at 100k+ tokens. Every kernel
-            computes the same function; choose one with `mem_attention_implementation`.
-        gradient_checkpoint_every_ith (`int`, defaults to 1):
-            With gradient checkpointing on, checkpoint every i-th layer (`longllama-train` passes it to
-            `activation_checkpointing_enable(every_n_layers=...)`).
-        max_position_embeddings (`int`, defaults to 2048):
-            Also the context window length: the size of prefill windows and the cap of the local cache.
+        mem_layers (`list[int]`, `[]`): 0-based indices of the decoder layers with memory; `[]` turns memory off.
+        mem_positionals (`bool`, `True`): `False`: memory layers use no rotary encoding at all.
+        mem_dtype (`str`, `"bfloat16"`): torch dtype memory keys and values are stored in, cast back to the compute
+            dtype when read (so memory is bf16-rounded even in an fp32 model); `"int8"`: per-vector absmax int8.
+        mem_top_k (`int`, *optional*): kNN retrieval, each memory-layer query attends to its `mem_top_k` memory keys
+            of highest inner product, in the same softmax; `None` attends to all of memory. Also a call argument.
+        mem_index (`str`, `"exact"`): top-k search backend: `"exact"`, or the package's approximate `"faiss"` /
+            `"hnswlib"`; `mem_index_options` (`dict`, *optional*) are its options.
+        mem_max_tokens (`int`, *optional*): bound on the entries each memory layer keeps; the oldest are evicted first,
+            except the first `mem_keep_first` (`int`, 0). At least one window plus `mem_keep_first`.
+        mem_device (`str`, *optional*): device of the memory (e.g. `"cpu"` to offload); default: the layer's.
+        mem_attention_grouping (`list[int]`, *optional*): published `[heads_per_group, queries_per_group]` bound on
+            the eager kernel's peak memory; mathematically a no-op.
+        mem_attention_implementation (`str`, `"blockwise"`): memory-layer kernel, `"blockwise"` (running
+            log-sum-exp, linear in the memory), `"eager"` (the published computation) or `"sdpa"`; all compute the same.
+        last_context_length (`int`, 1024): the last this-many tokens of a long input form the final local window (not
+            written to memory). Also a call argument.
+        torch_attention (`bool`, `False`): published flag, kept for compatibility; the kernel is chosen above.
+        gradient_checkpoint_every_ith (`int`, 1): with gradient checkpointing on, checkpoint every i-th layer.
+        max_position_embeddings (`int`, 2048): also the window length: prefill windows and the local cache's cap.
 
-    Example:
-
-    ```python
-    >>> from longllama import LongLlamaConfig
-    >>> config = LongLlamaConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, mem_layers=[2, 5])
-    ```
+    Example: `LongLlamaConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, mem_layers=[2, 5])`.
     """
 
     model_type = "longllama"
