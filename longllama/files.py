@@ -75,8 +75,8 @@ def private_cache_dir(*parts: str) -> Path:
 
     The cache root and every directory below it must be real directories owned by this user and writable by nobody
     else (checked with `lstat`, so a planted symlink is refused): otherwise a `PermissionError` says what to fix."""
-    root = os.environ.get("LONGLLAMA_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longllama"
-    directory = Path(root)
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longllama"
+    directory = Path(os.environ.get("LONGLLAMA_CACHE") or default)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(directory)
     for part in parts:

@@ -35,6 +35,7 @@ DENSE = 0.25
 # With the kernel, up to this many queries per key set compute their products in the kernel, in one pass over the
 # keys (faster than matmul tiles up to about 256 queries on 2 AVX2 cores); more go through torch's matmul tile by tile.
 FUSED_QUERIES = 128
+MATVEC_SPLIT = 8
 
 _UNLOADED = object()
 _kernel = _UNLOADED  # the kernel module, None when unavailable; see `topk_kernel`
@@ -297,6 +298,23 @@ class FilteredTopK(knn_longllama.RunningTopK):
 
 
 
+def _inner_products(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> None:
+    """`out [Bm, H, R, n] = q [Bm, H, R, D] @ keys [Bm, H, n, D]^T`, in fp32, faster than one matmul on the CPU.
+
+    With one key set, `torch.mm` runs faster than a batched matmul of one batch, and a single query (a matrix-vector
+    product, bound by memory) is split into MATVEC_SPLIT batches so that every thread streams part of the keys.
+    """
+    Bm, H, R, D = q.shape
+    n = keys.shape[2]
+    if Bm * H > 1:
+        torch.matmul(q, keys.transpose(-1, -2), out=out)
+    elif R == 1 and n % MATVEC_SPLIT == 0 and keys[0, 0].is_contiguous():
+        parts = keys[0, 0].view(MATVEC_SPLIT, n // MATVEC_SPLIT, D)
+        torch.bmm(q[0].expand(MATVEC_SPLIT, 1, D), parts.transpose(1, 2), out=out.view(MATVEC_SPLIT, 1, -1))
+    else:
+        torch.mm(q[0, 0], keys[0, 0].T, out=out[0, 0])
+
+
 class ExactIndex(knn_longllama.ExactIndex):
     """The `"exact"` backend of the package: the reference `ExactIndex` with the compiled kernel on the CPU (fused
     products for up to `FUSED_QUERIES` queries per key set when head_dim % 8 == 0, else matmul tiles that the kernel
@@ -309,13 +327,14 @@ class ExactIndex(knn_longllama.ExactIndex):
 
     def _offer(self, top, q, keys, first_id, valid):
         Bm, H, R, D = q.shape
-        if not isinstance(top, KernelTopK):
-            return super()._offer(top, q, keys, first_id, valid)
-        q, keys = q.to("cpu", torch.float32), keys.to("cpu", torch.float32)  # memory split between devices: rare
-        valid = None if valid is None else valid.cpu()
-        if R <= FUSED_QUERIES and D % 8 == 0:  # the kernel's SIMD product takes 8 floats at a time
-            return top.scan(q, keys, first_id, valid)
-        super()._offer(top, q, keys, first_id, valid)
+        if isinstance(top, KernelTopK):
+            q, keys = q.to("cpu", torch.float32), keys.to("cpu", torch.float32)  # memory split between devices: rare
+            valid = None if valid is None else valid.cpu()
+            if R <= FUSED_QUERIES and D % 8 == 0:  # the kernel's SIMD product takes 8 floats at a time
+                return top.scan(q, keys, first_id, valid)
+        scores = self._score_tile(Bm * H * R * keys.shape[2], keys.device).view(Bm, H, R, keys.shape[2])
+        _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
+        top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
 
     def _score_tile(self, numel, device):
         # on the CPU a fresh tile costs page faults on every search, as much as a decode step's matrix-vector product

@@ -27,7 +27,6 @@ Source = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
 SCORE_TILE = 2**22
 MIN_TILE_KEYS = 256
 TOPK_STATE = 2**22  # elements of running top-k state per pass (48 MiB of scores and ids): bounds memory for large k
-MATVEC_SPLIT = 8
 
 
 class _IdRanges:
@@ -188,23 +187,6 @@ def _beam_group(rows: torch.Tensor | None, B: int) -> int | None:
     return G if torch.equal(rows, torch.arange(B, device=rows.device).repeat_interleave(G)) else None
 
 
-def _inner_products(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> None:
-    """`out [Bm, H, R, n] = q [Bm, H, R, D] @ keys [Bm, H, n, D]^T`, in fp32.
-
-    With one key set, `torch.mm` runs faster than a batched matmul of one batch, and a single query (a matrix-vector
-    product, bound by memory) is split into MATVEC_SPLIT batches so that every thread streams part of the keys.
-    """
-    Bm, H, R, D = q.shape
-    n = keys.shape[2]
-    if Bm * H > 1:
-        torch.matmul(q, keys.transpose(-1, -2), out=out)
-    elif R == 1 and n % MATVEC_SPLIT == 0 and keys[0, 0].is_contiguous():
-        parts = keys[0, 0].view(MATVEC_SPLIT, n // MATVEC_SPLIT, D)
-        torch.bmm(q[0].expand(MATVEC_SPLIT, 1, D), parts.transpose(1, 2), out=out.view(MATVEC_SPLIT, 1, -1))
-    else:
-        torch.mm(q[0, 0], keys[0, 0].T, out=out[0, 0])
-
-
 class RunningTopK:
     """The best k (score, id) pairs of each of `rows` rows over a stream of score tiles, in plain torch.
 
@@ -283,7 +265,7 @@ class ExactIndex(MemoryIndex):
         `[Bm, n]` bool or None for all) to the running top-k `top`."""
         Bm, H, R, _ = q.shape
         scores = self._score_tile(Bm * H * R * keys.shape[2], keys.device).view(Bm, H, R, keys.shape[2])
-        _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
+        torch.matmul(q.to(keys.device, torch.float32), keys.float().transpose(-1, -2), out=scores)
         top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
 
     def _running_top_k(self, rows: int, k: int, device: torch.device) -> RunningTopK:
@@ -309,15 +291,15 @@ class ExactIndex(MemoryIndex):
 
 # The index backends by name (config `mem_index`). The longllama package adds and replaces entries on import.
 INDEX_BACKENDS: dict[str, type[MemoryIndex]] = {"exact": ExactIndex}
-PACKAGE_BACKENDS = {"faiss": "faiss", "hnswlib": "hnswlib"}  # provided by the package, with the extra to install
+PACKAGE_BACKENDS = ("faiss", "hnswlib")  # provided by the package, each with a pip extra of its name
 
 
 def make_index(name: str, source: Source, **options) -> MemoryIndex:
     """Build the index backend `name` (a key of `INDEX_BACKENDS`) over `source` with backend `options`."""
     if name in PACKAGE_BACKENDS and name not in INDEX_BACKENDS:
         raise ImportError(
-            f'mem_index="{name}" is provided by the longllama package: pip install "longllama[{PACKAGE_BACKENDS[name]}]"'
-            " and `import longllama` before loading the model"
+            f'mem_index="{name}" is provided by the longllama package: pip install "longllama[{name}]" and '
+            "`import longllama` before loading the model"
         )
     if name not in INDEX_BACKENDS:
         raise ValueError(f"unknown index backend {name!r}; choose one of: {', '.join(INDEX_BACKENDS)}")
