@@ -26,8 +26,8 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 
 from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value, topk_memory_attention_forward
-from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
 from .cache_longllama import LongLlamaCache, cache_fingerprint
+from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
 from .configuration_longllama import LongLlamaConfig, check_top_k
 from .windows_longllama import Window, WindowInputs, assign_depths, first_position, plan_windows, requested_positions
 
