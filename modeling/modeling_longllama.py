@@ -205,8 +205,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         output_attentions: bool | None = None,
         cross_batch_rows: torch.LongTensor | None = None,
         mem_top_k: int | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPast | tuple:
         r"""
         last_context_length (`int`, *optional*):
             Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
@@ -278,16 +279,23 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             session.interrupted = True
             raise
 
-        # outputs
+        # outputs: hidden states of every position, as Llama returns them (one window: the tensors themselves)
         hidden_states = self.norm(self._select_kept(kept, plan, requested, num_tokens))
         all_hidden_states = None
         if output_hidden_states:
-            all_hidden_states = tuple(torch.cat(per_layer, dim=1) for per_layer in zip(*layer_states))
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-        return with_cache(
+            all_hidden_states = tuple(x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in zip(*layer_states))
+            everything = hidden_states.shape[1] == num_tokens and torch.equal(requested, torch.arange(num_tokens))
+            all_hidden_states = all_hidden_states[:-1] + (
+                hidden_states if everything else self.norm(all_hidden_states[-1]),
+            )
+        output = with_cache(
             BaseModelOutputWithPast, session if use_cache else None,
             last_hidden_state=hidden_states, hidden_states=all_hidden_states,
         )
+        return output if self._return_dict(return_dict) else output.to_tuple()
+
+    def _return_dict(self, return_dict: bool | None) -> bool:
+        return self.config.return_dict if return_dict is None else return_dict
 
     def _process_window(
         self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None,
@@ -422,7 +430,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     @staticmethod
     def _select_kept(kept, plan, requested, num_tokens) -> torch.Tensor:
         """Concatenate the kept windows and pick the requested positions, in the requested order."""
-        hidden_states = torch.cat(kept, dim=1)
+        hidden_states = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
         if hidden_states.shape[1] == num_tokens and torch.equal(requested, torch.arange(num_tokens)):
             return hidden_states
         row_of_position = torch.full((num_tokens,), -1, dtype=torch.long)
@@ -460,8 +468,9 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         cross_batch_rows: torch.LongTensor | None = None,
         mem_top_k: int | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         r"""
         last_context_length (`int`, *optional*):
             Tokens at the end of the input that form the final local window (default: `config.last_context_length`).
@@ -493,19 +502,22 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             cross_batch_rows=cross_batch_rows,
             mem_top_k=mem_top_k,
+            return_dict=True,
             **kwargs,
         )
-        hidden_states, session = outputs.last_hidden_state, getattr(outputs, CACHE_NAME)
-        if repeats > 1:
-            session.batch_repeat_interleave(repeats)
+        hidden_states, session, all_hidden_states = outputs[0], getattr(outputs, CACHE_NAME), outputs.hidden_states
+        if repeats > 1:  # every copy gets the outputs of its prompt
+            if session is not None:
+                session.batch_repeat_interleave(repeats)
             hidden_states = hidden_states.repeat_interleave(repeats, dim=0)
+            if all_hidden_states is not None:
+                all_hidden_states = tuple(x.repeat_interleave(repeats, dim=0) for x in all_hidden_states)
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return with_cache(
-            CausalLMOutputWithPast, session, loss=loss, logits=logits, hidden_states=outputs.hidden_states
-        )
+        output = with_cache(CausalLMOutputWithPast, session, loss=loss, logits=logits, hidden_states=all_hidden_states)
+        return output if self.model._return_dict(return_dict) else output.to_tuple()
 
     def _shared_prefill_repeats(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> int:
         """How many identical copies of each prompt `generate()` passed (beams, return sequences), or 1.

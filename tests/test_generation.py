@@ -372,3 +372,62 @@ def test_cache_lengths_while_decoding(fed, memory, local):
     cache = LongLlamaCache(model.config)
     greedy(model, random_ids(1, 25, seed=19), fed + 1, cache=cache)
     assert (cache.memory_length(1), cache.local_length, cache.layers[3].get_seq_length()) == (memory, local, local)
+
+
+# --------------------------------------------------------------------------- outputs as transformers returns them
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=2), dict(num_return_sequences=2, do_sample=True)])
+def test_beams_and_return_sequences_without_cache(kwargs):
+    """use_cache=False re-reads the whole sequence every step. Within the final window that is what the session cache
+    computes (the same tokens); beyond it every step is a fresh long input (docs/inference.md#windows), which differs
+    from decoding into a session (#flush), so there only the shapes are compared."""
+    model = make_model()
+    rows = 2 * kwargs.get("num_return_sequences", 1)
+    for prompt, new in [(2, 2), (3 * W + 3, 5)]:
+        ids = random_ids(2, prompt)
+        results = []
+        for use_cache in (True, False):
+            torch.manual_seed(0)
+            results.append(model.generate(ids, max_new_tokens=new, use_cache=use_cache, **kwargs))
+        assert results[0].shape == results[1].shape == (rows, prompt + new)
+        assert prompt > L or torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("tokens", [L, 3 * W + 3])  # one window, several windows
+def test_hidden_states_cover_every_position_whatever_logits_to_keep(tokens):
+    model, ids = make_model(), random_ids(2, tokens)
+    full = model(ids, output_hidden_states=True).hidden_states
+    last = model(ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+    assert len(full) == len(last) == model.config.num_hidden_layers + 1
+    for a, b in zip(full, last):
+        assert a.shape == (2, tokens, model.config.hidden_size) and torch.equal(a, b)
+
+
+def test_beam_search_hidden_states_are_per_beam():
+    model, ids = make_model(), random_ids(2, 3 * W + 3)
+    out = model.generate(ids, max_new_tokens=2, num_beams=2, output_hidden_states=True, return_dict_in_generate=True)
+    prompt_step = out.hidden_states[0]
+    assert all(h.shape == (4, ids.shape[1], model.config.hidden_size) for h in prompt_step)
+    assert torch.equal(prompt_step[-1][0], prompt_step[-1][1])  # the beams of one prompt start from its states
+
+
+def test_return_dict_false_returns_a_tuple():
+    model, ids = make_model(), random_ids(2, 3 * W + 3)
+    expected = model(ids, output_hidden_states=True)
+    output = model(ids, output_hidden_states=True, return_dict=False)
+    assert isinstance(output, tuple) and torch.equal(output[0], expected.logits)
+    assert isinstance(output[1], LongLlamaCache) and len(output[2]) == len(expected.hidden_states)
+    assert isinstance(model.model(ids, return_dict=False), tuple)
+    model.config.return_dict = False
+    assert isinstance(model(ids), tuple)
+
+
+def test_hidden_states_of_one_window_are_part_of_the_graph():
+    """As in Llama, the returned states are the tensors the logits were computed from (one window: no copies)."""
+    model, ids = make_model(), random_ids(2, L)
+    out = model(ids, output_hidden_states=True)
+    for state in out.hidden_states:
+        state.retain_grad()
+    out.logits.sum().backward()
+    assert all(state.grad is not None for state in out.hidden_states)
