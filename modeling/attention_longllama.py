@@ -69,10 +69,11 @@ def materialize_memory(memory, batch_size: int, dtype: torch.dtype, device: torc
 
 
 def eager_memory_attention_forward(
-    module, query, key, value, visible, memory=None, scaling=1.0, grouping=None, **kwargs
+    module, query, key, value, visible, memory=None, scaling=1.0, grouping=None, output_attentions=False, **kwargs
 ):
     """The published computation: dense scores over local and memory keys, optionally in groups of
-    `grouping = [heads_per_group, queries_per_group]` to bound peak memory (a no-op on the result)."""
+    `grouping = [heads_per_group, queries_per_group]` to bound peak memory (a no-op on the result). With
+    `output_attentions` the weights `[B, H, t, n + M]` over `[local ; memory]` keys come back too."""
     B, H, t, D = query.shape
     groups = H // key.shape[1]
     keys, values = _repeat_kv(key, groups), _repeat_kv(value, groups)
@@ -87,14 +88,18 @@ def eager_memory_attention_forward(
 
     heads_per_group, queries_per_group = grouping if grouping is not None else (H, t)
     out = query.new_empty(B, H, t, D)
+    weights = query.new_empty(B, H, t, keys.shape[-2]) if output_attentions else None
     for h0 in range(0, H, heads_per_group):
         for q0 in range(0, t, queries_per_group):
             q = query[:, h0 : h0 + heads_per_group, q0 : q0 + queries_per_group]
             scores = torch.matmul(q, keys[:, h0 : h0 + heads_per_group].transpose(2, 3)) * scaling
             scores = scores.masked_fill(~visible[:, :, q0 : q0 + queries_per_group], fill)
             probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
-            out[:, h0 : h0 + heads_per_group, q0 : q0 + queries_per_group] = probs @ values[:, h0 : h0 + heads_per_group]
-    return out.transpose(1, 2).contiguous(), None
+            rows = (slice(None), slice(h0, h0 + heads_per_group), slice(q0, q0 + queries_per_group))
+            out[rows] = probs @ values[:, h0 : h0 + heads_per_group]
+            if weights is not None:
+                weights[rows] = probs
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def sdpa_memory_attention_forward(module, query, key, value, visible, memory=None, scaling=1.0, **kwargs):

@@ -301,6 +301,11 @@ class LayerMemory:
                 raise ValueError(f"memory holds {keys.shape[0]} rows but the session has {batch_size}")
             yield keys, values, valid
 
+    def live_ids(self) -> torch.Tensor:
+        """`[M]` int64: the ids (session positions) of the kept entries, in the order `blocks` yields them."""
+        ranges = [torch.arange(c.first_id + c.start, c.first_id + c.length) for _, c in self.chunks()]
+        return torch.cat(ranges) if ranges else torch.zeros(0, dtype=torch.long)
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k memory entries by inner product for `queries [B, Hkv, r, D]`: `(scores float32, ids)`
         `[B, Hkv, r, k]` on the memory's device, ids -1 (score -inf) where memory has fewer than k valid entries."""

@@ -25,7 +25,12 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.utils import logging
 
-from .attention_longllama import MEMORY_ATTENTION_FUNCTIONS, mask_value, topk_memory_attention_forward
+from .attention_longllama import (
+    MEMORY_ATTENTION_FUNCTIONS,
+    eager_memory_attention_forward,
+    mask_value,
+    topk_memory_attention_forward,
+)
 from .cache_longllama import LongLlamaCache, cache_fingerprint
 from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
 from .configuration_longllama import LongLlamaConfig, check_top_k
@@ -117,7 +122,11 @@ class LongLlamaAttention(LlamaAttention):
         if cache is not None and memory is not None and top_k is not None and top_k < memory.length:
             # kNN retrieval from the session memory (with k >= memory it would select everything: dense, exactly);
             # crossbatch training attends densely, as in the paper
+            if window.output_attentions:
+                raise ValueError("output_attentions is not available with kNN retrieval: pass mem_top_k=None.")
             attention_function = topk_memory_attention_forward
+        elif window.output_attentions:  # the weights come from the eager kernel, as in transformers
+            attention_function = eager_memory_attention_forward
         attn_output, attn_weights = attention_function(
             self,
             query_states,
@@ -129,6 +138,7 @@ class LongLlamaAttention(LlamaAttention):
             grouping=self.grouping,
             is_causal=window.is_causal,
             top_k=top_k,
+            output_attentions=window.output_attentions,
         )
         if cache is not None and not window.stores_local:
             # a stand-alone window of a long prompt goes to memory after its own attention (it never sees itself)
@@ -149,6 +159,42 @@ class LongLlamaDecoderLayer(LlamaDecoderLayer):
         """Store the window's keys and values for later windows, skipping attention and MLP (their output is unused
         when no layer above runs)."""
         self.self_attn.write(self.input_layernorm(hidden_states), position_embeddings, cache, window)
+
+
+class AttentionRecorder:
+    """The attention weights of every layer in one forward call (`output_attentions`), as Llama returns them:
+    `[B, H, T, S]` per layer for the T tokens of the call over the S positions of the session so far, memory entries
+    and local context at their positions, zeros where a query does not attend (docs/inference.md#outputs).
+
+    While it records, the stock layers run their eager kernel (the only one that returns weights, as in transformers)
+    and memory layers theirs (`WindowInputs.output_attentions`)."""
+
+    def __init__(self, model, num_tokens: int, seen_tokens: int):
+        self.model, self.num_tokens, self.seen_tokens = model, num_tokens, seen_tokens
+        self.weights = [None] * len(model.layers)
+        self.latest = {}
+        self.hooks = [
+            layer.self_attn.register_forward_hook(lambda module, args, out, idx=idx: self.latest.update({idx: out[1]}))
+            for idx, layer in enumerate(model.layers)
+        ]
+        self.attn_implementation = model.config._attn_implementation
+        model.config._attn_implementation = "eager"
+
+    def record(self, idx: int, window: Window, seen: int, memory_ids: torch.Tensor | None) -> None:
+        """Place layer `idx`'s weights `[B, H, t, n (+ M)]` for `window` (over its local context, whose last token is
+        session position `seen + t - 1`, then the memory entries `memory_ids`) at their session positions."""
+        weights = self.latest.pop(idx)
+        memory_ids = torch.zeros(0, dtype=torch.long) if memory_ids is None else memory_ids
+        t, n = window.end - window.start, weights.shape[-1] - len(memory_ids)
+        columns = torch.cat([torch.arange(seen + t - n, seen + t), memory_ids]).to(weights.device)
+        if self.weights[idx] is None:
+            self.weights[idx] = weights.new_zeros(*weights.shape[:2], self.num_tokens, self.seen_tokens + self.num_tokens)
+        self.weights[idx][:, :, window.start : window.end].index_copy_(-1, columns, weights)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.model.config._attn_implementation = self.attn_implementation
 
 
 class LongLlamaPreTrainedModel(PreTrainedModel):
@@ -224,11 +270,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         # inputs
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if output_attentions:
-            raise ValueError(
-                "output_attentions is not supported by LongLLaMA: attention spans windows and memory. "
-                "Call the kernels in attention_longllama.py directly to inspect attention."
-            )
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_attentions and cross_batch_rows is not None:
+            raise ValueError("output_attentions is not available in crossbatch training (cross_batch_rows).")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = output_hidden_states or self.config.output_hidden_states
         last_context_length = self.config.last_context_length if last_context_length is None else last_context_length
@@ -254,11 +298,13 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         # one window and nothing to remember (training): layers run without a cache, so checkpointing works
         self_contained = len(plan) == 1 and session.seen_tokens == 0 and not use_cache
         requested = requested_positions(num_tokens, hidden_states_to_keep)
-        needed = torch.arange(num_tokens) if output_hidden_states else requested  # all layers' states need all windows
+        # every layer's states or attention weights need every window
+        needed = torch.arange(num_tokens) if output_hidden_states or output_attentions else requested
         assign_depths(plan, needed, len(self.layers), self.memory_depth)
 
         # windows (a progress bar for long inputs; an interrupted call marks the session unusable, not half-valid)
         kept, layer_states = [], []
+        recorder = AttentionRecorder(self, num_tokens, session.seen_tokens) if output_attentions else None
         quiet = len(plan) < PROGRESS_WINDOWS or self.training
         progress = logging.tqdm(plan, desc="LongLLaMA windows", unit="window", disable=quiet)
         try:
@@ -269,7 +315,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     window_states = inputs_embeds[:, w.start : w.end]
                 states = self._process_window(
                     window_states, valid, position_ids, w, None if self_contained else session,
-                    output_hidden_states, cross_batch_rows, mem_top_k,
+                    output_hidden_states, cross_batch_rows, mem_top_k, recorder,
                 )
                 if w.keep:
                     kept.append(states[-1])
@@ -278,6 +324,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         except BaseException:
             session.interrupted = True
             raise
+        finally:
+            if recorder is not None:
+                recorder.close()
 
         # outputs: hidden states of every position, as Llama returns them (one window: the tensors themselves)
         hidden_states = self.norm(self._select_kept(kept, plan, requested, num_tokens))
@@ -291,6 +340,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         output = with_cache(
             BaseModelOutputWithPast, session if use_cache else None,
             last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+            attentions=None if recorder is None else tuple(recorder.weights),
         )
         return output if self._return_dict(return_dict) else output.to_tuple()
 
@@ -299,10 +349,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
 
     def _process_window(
         self, hidden_states, valid, position_ids, window: Window, session, all_states=False, cross_batch_rows=None,
-        mem_top_k=None,
+        mem_top_k=None, recorder=None,
     ):
         """Run `window.depth` layers on one window `[B, t, hidden]`. Returns `[final hidden states]`, or with
-        `all_states` the input and the output of every layer. `session` is None for a self-contained window."""
+        `all_states` the input and the output of every layer. `session` is None for a self-contained window;
+        `recorder` (an `AttentionRecorder`) collects the layers' attention weights."""
         valid = valid[:, window.start : window.end]  # [B, t]
         positions = position_ids[:, window.start : window.end]
         if session is not None and window.stores_local:
@@ -316,7 +367,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         # a window that is its whole local context, without padding: plain causal attention, which kernels can skip
         is_causal = t == n and t > 1 and bool(local_valid.all())
         inputs = WindowInputs(
-            window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows, mem_top_k
+            window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows, mem_top_k,
+            output_attentions=recorder is not None,
         )
         bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
         if not (is_causal and self.config._attn_implementation == "sdpa"):
@@ -331,6 +383,9 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 # the top memory layer of a window whose output nobody reads: only its keys and values are needed
                 layer.write(hidden_states, position_embeddings, session, inputs)
                 break
+            memory_ids = None  # the memory the layer reads, before a stand-alone window adds itself
+            if recorder is not None and is_memory_layer and session is not None:
+                memory_ids = session.layers[idx].memory_store.live_ids()
             hidden_states = layer(
                 hidden_states,
                 attention_mask=bias,
@@ -338,6 +393,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                 window=inputs,
                 **{CACHE_NAME: session if window.stores_local or is_memory_layer else None},
             )
+            if recorder is not None:
+                recorder.record(idx, window, session.seen_tokens if session is not None else 0, memory_ids)
             if all_states:
                 states.append(hidden_states)
         if session is not None:
@@ -505,18 +562,24 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states, session, all_hidden_states = outputs[0], getattr(outputs, CACHE_NAME), outputs.hidden_states
+        hidden_states, session = outputs[0], getattr(outputs, CACHE_NAME)
+        all_hidden_states, attentions = outputs.hidden_states, outputs.attentions
         if repeats > 1:  # every copy gets the outputs of its prompt
             if session is not None:
                 session.batch_repeat_interleave(repeats)
             hidden_states = hidden_states.repeat_interleave(repeats, dim=0)
-            if all_hidden_states is not None:
-                all_hidden_states = tuple(x.repeat_interleave(repeats, dim=0) for x in all_hidden_states)
+            all_hidden_states, attentions = (
+                None if x is None else tuple(y.repeat_interleave(repeats, dim=0) for y in x)
+                for x in (all_hidden_states, attentions)
+            )
         logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        output = with_cache(CausalLMOutputWithPast, session, loss=loss, logits=logits, hidden_states=all_hidden_states)
+        output = with_cache(
+            CausalLMOutputWithPast, session, loss=loss, logits=logits, hidden_states=all_hidden_states,
+            attentions=attentions,
+        )
         return output if self.model._return_dict(return_dict) else output.to_tuple()
 
     def _shared_prefill_repeats(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> int:

@@ -32,6 +32,7 @@ class WindowInputs:
     self_contained: bool = False  # the whole input is this one window and nothing is remembered: no cache needed
     cross_batch_rows: torch.Tensor | None = None  # [B, R] crossbatch training: rows whose keys each row also sees
     mem_top_k: int | None = None  # kNN retrieval from the session memory (None: dense)
+    output_attentions: bool = False  # memory layers return their attention weights (the eager kernel)
 
 
 def plan_windows(num_tokens: int, window: int, last_context_length: int, local_length: int, fresh: bool):

@@ -38,6 +38,9 @@ import torch
 
 F64 = torch.float64
 MASKED = -1e6  # the published code clamps scores from below at -1e6 (not -inf)
+# A test sets a list here to receive the probabilities of every attention call, [B, H, n, c + m] over the local
+# context then memory, in the order of the calls (window by window, layer by layer).
+ATTENTION_LOG: list | None = None
 
 
 # --------------------------------------------------------------------------- config
@@ -232,6 +235,8 @@ def _attention(q, k, v, ctx_valid, mem_k, mem_v, mem_valid, cfg: RefConfig):
         scores = torch.cat([scores, mem_scores], dim=-1)
         values = torch.cat([v, mv], dim=2)
     probs = torch.softmax(scores, dim=-1)
+    if ATTENTION_LOG is not None:
+        ATTENTION_LOG.append(probs)
     return probs @ values  # [B, H, n, d]
 
 

@@ -431,3 +431,86 @@ def test_hidden_states_of_one_window_are_part_of_the_graph():
         state.retain_grad()
     out.logits.sum().backward()
     assert all(state.grad is not None for state in out.hidden_states)
+
+
+# --------------------------------------------------------------------------- attention weights
+
+
+def reference_attentions(model, ids) -> list[torch.Tensor]:
+    """Per layer `[B, H, T, T]`: the float64 reference's probabilities of a fresh forward over `ids`, placed at the
+    positions of their keys (the local context is the window itself, memory entries are positions 0..m-1)."""
+    import reference
+
+    cfg, layers = RefConfig.from_hf(model.config), model.config.num_hidden_layers
+    reference.ATTENTION_LOG = log = []
+    try:
+        reference_forward(float64_state_dict(model), cfg, ids)
+    finally:
+        reference.ATTENTION_LOG = None
+    B, T = ids.shape
+    expected = [torch.zeros(B, model.config.num_attention_heads, T, T, dtype=torch.float64) for _ in range(layers)]
+    prompt = max(T - L, 0)
+    windows = [(s, min(s + W, prompt)) for s in range(0, prompt, W)] + [(prompt, T)]
+    for i, (start, end) in enumerate(windows):
+        for layer in range(layers):
+            probs = log[i * layers + layer]
+            memory = probs.shape[-1] - (end - start)
+            columns = torch.cat([torch.arange(start, end), torch.arange(memory)])
+            expected[layer][:, :, start:end, columns] = probs
+    return expected
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "eager", "sdpa"])
+def test_attention_weights_match_the_reference(implementation):
+    """Every layer's weights over the session's positions: memory layers over memory and their window in one
+    softmax, the others within their window (the reference's probabilities, docs/inference.md#one-softmax)."""
+    model = make_model(mem_layers=[1, 3], mem_attention_implementation=implementation)
+    ids = random_ids(2, 3 * W + 6)
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions
+    assert model.config._attn_implementation == "sdpa"  # the eager kernels were for that call only
+    for actual, expected in zip(attentions, reference_attentions(model, ids), strict=True):
+        assert actual.shape == expected.shape
+        assert max_err(actual, expected) < ATOL
+
+
+def test_attention_weights_within_one_window_are_llama_eager_weights():
+    model, ids = make_model(), random_ids(2, L)
+    llama = LlamaForCausalLM(llama_config_like(model.config, tie_word_embeddings=False)).eval()
+    llama.load_state_dict(model.state_dict())
+    llama.config._attn_implementation = "eager"
+    with torch.no_grad():
+        ours, theirs = model(ids, output_attentions=True).attentions, llama(ids, output_attentions=True).attentions
+    for a, b in zip(ours, theirs, strict=True):
+        assert max_err(a, b) < 1e-6
+
+
+def test_attention_weights_while_decoding():
+    """generate(output_attentions=True): the prompt step covers the prompt, each later step one query over every
+    position so far (the local context overflows twice on the way, docs/inference.md#flush)."""
+    model, ids = make_model(), random_ids(2, 3 * W + 3)
+    out = model.generate(ids, max_new_tokens=FLUSHING_STEPS // 2, output_attentions=True, return_dict_in_generate=True)
+    T = ids.shape[1]
+    assert len(out.attentions) == FLUSHING_STEPS // 2
+    for step, attentions in enumerate(out.attentions):
+        queries, positions = (T, T) if step == 0 else (1, T + step)
+        for a in attentions:
+            assert a.shape == (2, model.config.num_attention_heads, queries, positions)
+            torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:-1]))
+
+
+def test_config_output_attentions_is_honoured():
+    """transformers allows config.output_attentions with eager attention only; then every call returns weights."""
+    model, ids = make_model(), random_ids(2, 3 * W + 3)
+    model.config._attn_implementation = "eager"
+    model.config.output_attentions = True
+    assert len(model(ids).attentions) == model.config.num_hidden_layers
+
+
+def test_attention_weights_refused_with_top_k_and_crossbatch():
+    model, ids = make_model(mem_top_k=2), random_ids(1, 3 * W + 3)
+    with pytest.raises(ValueError, match="mem_top_k=None"):
+        model(ids, output_attentions=True)
+    assert model.config._attn_implementation == "sdpa"  # restored after the refused call
+    with pytest.raises(ValueError, match="crossbatch"):
+        model(random_ids(2, W), output_attentions=True, cross_batch_rows=torch.tensor([[-1], [0]]))
