@@ -19,7 +19,7 @@ class LocalCacheLayer(DynamicLayer):
     """
 
     is_sliding = False
-    is_croppable = False
+    is_croppable = True  # the newest tokens of the local context (LongLlamaCache.crop)
     is_compileable = False
 
     def __init__(self, **kwargs):
@@ -71,10 +71,9 @@ class LocalCacheLayer(DynamicLayer):
             buffer.clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "LongLlamaCache cannot be cropped: tokens that left the local context are already in memory. "
-            "Assisted decoding and other rollbacks are not supported."
-        )
+        """Forget the newest `tokens_to_remove` tokens of the local context (`LongLlamaCache.crop` checks the count)."""
+        for buffer in self._buffers():
+            buffer.clear(keep=buffer.length - tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -244,6 +243,24 @@ class LongLlamaCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self._map_shared(lambda x: x[indices.to(x.device)])
+
+    def crop(self, max_length: int) -> None:
+        """Forget the newest tokens of the session: `crop(-n)` the last n, `crop(m)` all but the first m (the older
+        transformers spelling). Assisted and prompt-lookup decoding drop rejected drafts this way. Only the local
+        context can be cropped: tokens that left it are in memory, which is never cropped."""
+        remove = -max_length if max_length <= 0 else self.seen_tokens - max_length
+        if remove <= 0:
+            return
+        if remove > self.local_length:
+            raise ValueError(
+                f"Cannot remove the last {remove} tokens of this session: only its {self.local_length} newest tokens "
+                "are in the local context, the earlier ones are in memory, which is never cropped. With assisted "
+                "decoding, draft fewer tokens than the window (max_position_embeddings) holds."
+            )
+        for layer in self.layers:
+            layer.crop(remove)
+        self.seen_tokens -= remove
+        self.local_valid = self.local_valid[:, :-remove] if remove < self.local_length else None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row b continues beam `beam_idx[b]`. Local contexts are copied, memory is shared (remapped)."""

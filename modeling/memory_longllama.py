@@ -71,9 +71,9 @@ class SequenceBuffer:
     def view(self) -> torch.Tensor | None:
         return None if self.data is None else self.data.narrow(self.dim, 0, self.length)
 
-    def clear(self) -> None:
-        """Forget the content but keep the allocation (a session's next window reuses it)."""
-        self.length = 0
+    def clear(self, keep: int = 0) -> None:
+        """Forget the content after the first `keep` entries, but keep the allocation (the next window reuses it)."""
+        self.length = min(keep, self.length)
 
     def map_batch(self, fn) -> None:
         """Apply `fn` (e.g. an index select) to the batch axis 0 of the filled part."""

@@ -514,3 +514,46 @@ def test_attention_weights_refused_with_top_k_and_crossbatch():
     assert model.config._attn_implementation == "sdpa"  # restored after the refused call
     with pytest.raises(ValueError, match="crossbatch"):
         model(random_ids(2, W), output_attentions=True, cross_batch_rows=torch.tensor([[-1], [0]]))
+
+
+# --------------------------------------------------------------------------- cropping: assisted and prompt-lookup decoding
+
+
+def test_cropping_the_local_context_restores_the_session():
+    """Feeding tokens and cropping them again leaves the session that never saw them: the same next logits."""
+    model, prompt, tail = make_model(), random_ids(1, 3 * W + 3), random_ids(1, 3, seed=1)
+    with torch.no_grad():
+        cropped = model(prompt, use_cache=True).cache
+        model(tail, cache=cropped)  # 4 + 3 tokens: the local context does not overflow
+        cropped.crop(-2)  # transformers >= 5.24 spelling: remove the last 2
+        clean = model(prompt, use_cache=True).cache
+        model(tail[:, :1], cache=clean)
+        assert cropped.get_seq_length() == clean.get_seq_length() == prompt.shape[1] + 1
+        assert cropped.local_length == clean.local_length and cropped.memory_length() == clean.memory_length()
+        nxt = random_ids(1, 2, seed=2)
+        # the kept token's keys came from a 3-token call here and a 1-token call there: equal up to float rounding
+        assert max_err(model(nxt, cache=cropped).logits, model(nxt, cache=clean).logits) < 1e-5
+        cropped.crop(cropped.get_seq_length() - 1)  # the older spelling: keep all but the last token
+        assert cropped.get_seq_length() == prompt.shape[1] + 2
+
+
+def test_cropping_into_memory_is_a_clear_error():
+    model, prompt = make_model(), random_ids(1, 3 * W + 3)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).cache
+    with pytest.raises(ValueError, match="only its 4 newest tokens are in the local context"):
+        cache.crop(-5)
+    assert cache.get_seq_length() == prompt.shape[1] and cache.local_length == L  # nothing was removed
+
+
+@pytest.mark.parametrize("prompt", [2, 3 * W + 3])
+def test_prompt_lookup_decoding(prompt):
+    """Prompt-lookup (assisted) decoding runs, its rejected drafts cropped from the local context. Within the final
+    window it gives greedy decoding's tokens; beyond it a draft is read in the same call as the tokens before it (the
+    prompt, or a continuing session, docs/inference.md#continuing-sessions), so the tokens may differ."""
+    model, ids = make_model(), torch.randint(3, 12, (1, prompt), generator=torch.Generator().manual_seed(3))
+    new = 2 if prompt + 2 <= L else 12
+    greedy = model.generate(ids, max_new_tokens=new, do_sample=False)
+    assisted = model.generate(ids, max_new_tokens=new, do_sample=False, prompt_lookup_num_tokens=2)
+    assert assisted.shape == greedy.shape == (1, prompt + new)
+    assert prompt + new > L or torch.equal(assisted, greedy)
