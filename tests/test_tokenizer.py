@@ -281,6 +281,23 @@ def test_transformers_llama_tokenizer_differs_on_whitespace(models, tmp_path):
     assert hf("Hello world").input_ids == [1] + sp.encode("Hello world"), "ordinary text agrees"
 
 
+def test_decoding_a_continuation_is_what_llama_does(models, tmp_path):
+    """pipeline("text-generation") decodes only the new tokens (transformers 5.24) and appends them to the prompt
+    text: the leading space of a continuation is dropped by sentencepiece's decode, exactly as by transformers'
+    LlamaTokenizer loaded from the same model (measured: "...The pass key is123" from both)."""
+    path = models["bpe-openllama"]
+    directory = tmp_path / "llama"
+    directory.mkdir()
+    shutil.copy2(path, directory / "tokenizer.model")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    hf, ours = AutoTokenizer.from_pretrained(directory), LongLlamaTokenizer(vocab_file=str(path))
+    for prompt, answer in [("The pass key is", " 123"), ("Hello", " world, again"), ("x =", " 1")]:
+        full = ours(prompt + answer).input_ids
+        continuation = full[len(ours(prompt).input_ids):]
+        assert ours.decode(continuation) == hf.decode(continuation), (prompt, answer)
+        assert ours.decode(full, skip_special_tokens=True) == prompt + answer  # whole texts keep every space
+
+
 # --------------------------------------------------------------------------- through the converter
 
 
