@@ -187,8 +187,9 @@ class AttentionRecorder:
         memory_ids = torch.zeros(0, dtype=torch.long) if memory_ids is None else memory_ids
         t, n = window.end - window.start, weights.shape[-1] - len(memory_ids)
         columns = torch.cat([torch.arange(seen + t - n, seen + t), memory_ids]).to(weights.device)
-        if self.weights[idx] is None:
-            self.weights[idx] = weights.new_zeros(*weights.shape[:2], self.num_tokens, self.seen_tokens + self.num_tokens)
+        if self.weights[idx] is None:  # [B, H, T, S]
+            shape = (*weights.shape[:2], self.num_tokens, self.seen_tokens + self.num_tokens)
+            self.weights[idx] = weights.new_zeros(shape)
         self.weights[idx][:, :, window.start : window.end].index_copy_(-1, columns, weights)
 
     def close(self) -> None:

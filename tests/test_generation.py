@@ -516,7 +516,7 @@ def test_attention_weights_refused_with_top_k_and_crossbatch():
         model(random_ids(2, W), output_attentions=True, cross_batch_rows=torch.tensor([[-1], [0]]))
 
 
-# --------------------------------------------------------------------------- cropping: assisted and prompt-lookup decoding
+# --------------------------------------------------------------------------- cropping: assisted decoding
 
 
 def test_cropping_the_local_context_restores_the_session():
