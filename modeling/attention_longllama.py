@@ -180,7 +180,7 @@ def blockwise_memory_attention_forward(
         block = block_size or max(MIN_BLOCK, MEMORY_BLOCK_ELEMENTS // max(1, B * Hkv * D))
         for k, v, valid in memory_blocks(memory, B, query.dtype, query.device, block):
             block_bias = None
-            if not bool(valid.all()):
+            if torch.compiler.is_compiling() or not bool(valid.all()):  # compiled: no data-dependent branch
                 block_bias = torch.zeros(valid.shape, dtype=acc_dtype, device=query.device)
                 block_bias = block_bias.masked_fill_(~valid, MASK_VALUE)[:, None, None, :]
             block_out, block_lse = _attend(q, k, v.to(value.dtype), block_bias, scaling)

@@ -34,7 +34,15 @@ from .attention_longllama import (
 from .cache_longllama import LongLlamaCache, cache_fingerprint
 from .compat_longllama import CACHE_NAME, accepts_past_key_values, with_cache
 from .configuration_longllama import LongLlamaConfig, check_top_k
-from .windows_longllama import Window, WindowInputs, assign_depths, first_position, plan_windows, requested_positions
+from .windows_longllama import (
+    Window,
+    WindowInputs,
+    assign_depths,
+    first_position,
+    plan_windows,
+    requested_positions,
+    requests_all,
+)
 
 # transformers 4.57 and 5.0 copy to their module cache only the files that an auto_map module imports itself
 from .knn_longllama import make_index  # noqa: F401
@@ -300,14 +308,14 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         self_contained = len(plan) == 1 and session.seen_tokens == 0 and not use_cache
         requested = requested_positions(num_tokens, hidden_states_to_keep)
         # every layer's states or attention weights need every window
-        needed = torch.arange(num_tokens) if output_hidden_states or output_attentions else requested
+        needed = range(num_tokens) if output_hidden_states or output_attentions else requested
         assign_depths(plan, needed, len(self.layers), self.memory_depth)
 
         # windows (a progress bar for long inputs; an interrupted call marks the session unusable, not half-valid)
         kept, layer_states = [], []
         recorder = AttentionRecorder(self, num_tokens, session.seen_tokens) if output_attentions else None
         quiet = len(plan) < PROGRESS_WINDOWS or self.training
-        progress = logging.tqdm(plan, desc="LongLLaMA windows", unit="window", disable=quiet)
+        progress = plan if quiet else logging.tqdm(plan, desc="LongLLaMA windows", unit="window")
         try:
             for w in progress:
                 # embedded window by window: a 100k-token prompt never holds all its embeddings at once
@@ -334,7 +342,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         all_hidden_states = None
         if output_hidden_states:
             all_hidden_states = tuple(x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in zip(*layer_states))
-            everything = hidden_states.shape[1] == num_tokens and torch.equal(requested, torch.arange(num_tokens))
+            everything = hidden_states.shape[1] == num_tokens and requests_all(requested, num_tokens)
             all_hidden_states = all_hidden_states[:-1] + (
                 hidden_states if everything else self.norm(all_hidden_states[-1]),
             )
@@ -489,8 +497,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
     def _select_kept(kept, plan, requested, num_tokens) -> torch.Tensor:
         """Concatenate the kept windows and pick the requested positions, in the requested order."""
         hidden_states = kept[0] if len(kept) == 1 else torch.cat(kept, dim=1)
-        if hidden_states.shape[1] == num_tokens and torch.equal(requested, torch.arange(num_tokens)):
+        if hidden_states.shape[1] == num_tokens and requests_all(requested, num_tokens):
             return hidden_states
+        if isinstance(requested, range):
+            requested = torch.arange(requested.start, requested.stop)
         row_of_position = torch.full((num_tokens,), -1, dtype=torch.long)
         starts = torch.cat([torch.arange(w.start, w.end) for w in plan if w.keep])
         row_of_position[starts] = torch.arange(len(starts))

@@ -55,17 +55,21 @@ def plan_windows(num_tokens: int, window: int, last_context_length: int, local_l
     return plan
 
 
-def assign_depths(plan: list[Window], requested: torch.Tensor, num_layers: int, memory_depth: int) -> None:
+def assign_depths(plan: list[Window], requested: range | torch.Tensor, num_layers: int, memory_depth: int) -> None:
     """Decide which windows run every layer; the rest stop after the top memory layer (exact; docs/inference.md#beyond).
 
     A window runs all layers if some of its hidden states are requested, if it is the final window (it fills the
     local cache of every layer), or if a later fully-run window shares its local context (no flush in between).
     """
-    is_requested = torch.zeros(plan[-1].end, dtype=torch.bool)
-    is_requested[requested] = True
+    if isinstance(requested, range):  # plain Python: a decode step traces without graph breaks
+        keeps = [requested.start < w.end and w.start < requested.stop for w in plan]
+    else:
+        is_requested = torch.zeros(plan[-1].end, dtype=torch.bool)
+        is_requested[requested] = True
+        keeps = [bool(is_requested[w.start : w.end].any()) for w in plan]
     needed_later = False
-    for w in reversed(plan):
-        w.keep = bool(is_requested[w.start : w.end].any())
+    for w, keep in zip(reversed(plan), reversed(keeps)):
+        w.keep = keep
         full = w.keep or w is plan[-1] or (w.stores_local and needed_later)
         w.depth = num_layers if full else memory_depth
         needed_later = w.stores_local and full and not w.flush
@@ -80,13 +84,29 @@ def first_position(position_ids: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     return torch.where(valid.any(dim=1), first, position_ids.min(dim=1).values)
 
 
-def requested_positions(num_tokens: int, to_keep: int | torch.Tensor) -> torch.Tensor:
-    """Positions whose hidden states are returned: `0` all, an int `k` the last k, a 1-D tensor those indices."""
+def requested_positions(num_tokens: int, to_keep: int | torch.Tensor) -> range | torch.Tensor:
+    """Positions whose hidden states are returned: `0` all, an int `k` the last k (as a `range`), a 1-D tensor those
+    indices."""
     if isinstance(to_keep, int):
-        return torch.arange(0 if to_keep == 0 else max(num_tokens - to_keep, 0), num_tokens)
+        return range(0 if to_keep == 0 else max(num_tokens - to_keep, 0), num_tokens)
     if to_keep.dim() != 1:
         raise ValueError("logits_to_keep must be an int or a 1-D tensor of positions for LongLLaMA.")
     return to_keep.detach().long().cpu() % num_tokens
 
 
-__all__ = ["Window", "WindowInputs", "assign_depths", "first_position", "plan_windows", "requested_positions"]
+def requests_all(requested: range | torch.Tensor, num_tokens: int) -> bool:
+    """Whether `requested` is every position in order."""
+    if isinstance(requested, range):
+        return requested == range(num_tokens)
+    return torch.equal(requested, torch.arange(num_tokens))
+
+
+__all__ = [
+    "Window",
+    "WindowInputs",
+    "assign_depths",
+    "first_position",
+    "plan_windows",
+    "requested_positions",
+    "requests_all",
+]

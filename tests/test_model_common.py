@@ -130,3 +130,35 @@ def test_torch_compile_gives_the_same_logits(config):
     expected = logits(model, ids)
     compiled = torch.compile(model, backend="eager")
     assert max_err(logits(compiled, ids), expected) < 1e-6
+
+
+def test_decode_step_traces_without_graph_breaks():
+    """A token-by-token decode step (memory, local context, windows) is one graph for torch.compile: no tensor-valued
+    branch, progress bar or `.item()` on the way (docs/inference.md, "Compiling the decode step")."""
+    import torch._dynamo
+
+    model, ids = model_and_ids("windows")
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        explanation = torch._dynamo.explain(lambda token: model(token, cache=cache, logits_to_keep=1).logits)(ids[:, -1:])
+    assert explanation.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager_decoding():
+    """torch.compile(model.forward, dynamic=True) over 20 greedy steps with two flushes: the same tokens and logits,
+    recompiled a bounded number of times (the flush step and the first steps after it specialise)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model, ids = model_and_ids("windows")
+    compiled = torch.compile(model.forward, dynamic=True)
+    with torch.no_grad():
+        eager_cache, compiled_cache = model(ids, use_cache=True).cache, model(ids, use_cache=True).cache
+        token = compiled_token = ids[:, -1:]
+        for _ in range(20):
+            expected = model(token, cache=eager_cache, logits_to_keep=1).logits
+            actual = compiled(compiled_token, cache=compiled_cache, logits_to_keep=1).logits
+            assert max_err(actual, expected) < 1e-5
+            token, compiled_token = expected.argmax(-1), actual.argmax(-1)
+    assert counters["stats"]["unique_graphs"] <= 4
