@@ -297,7 +297,6 @@ class FilteredTopK(knn_longllama.RunningTopK):
         return scores, ids
 
 
-
 def _inner_products(q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> None:
     """`out [Bm, H, R, n] = q [Bm, H, R, D] @ keys [Bm, H, n, D]^T`, in fp32, faster than one matmul on the CPU.
 

@@ -100,7 +100,7 @@ def test_greedy_scores_and_logits_give_the_tokens():
     out = generate(model, ids, "greedy", **OUTPUTS)
     chosen = torch.stack([s.argmax(-1) for s in out.scores], 1)
     assert torch.equal(chosen, out.sequences[:, ids.shape[1]:])
-    assert all(torch.equal(s, l) for s, l in zip(out.scores, out.logits))  # no logits processor in greedy
+    assert all(torch.equal(score, logit) for score, logit in zip(out.scores, out.logits))  # no logits processor in greedy
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

@@ -140,7 +140,8 @@ def test_decode_step_traces_without_graph_breaks():
     model, ids = model_and_ids("windows")
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache
-        explanation = torch._dynamo.explain(lambda token: model(token, cache=cache, logits_to_keep=1).logits)(ids[:, -1:])
+        step = lambda token: model(token, cache=cache, logits_to_keep=1).logits  # noqa: E731
+        explanation = torch._dynamo.explain(step)(ids[:, -1:])
     assert explanation.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
 
 
