@@ -79,9 +79,10 @@ def write_checkpoint(model_dir: Path, tokenizer_dir: Path, out: Path, card: str 
             raise ValueError(f"mem_top_k={mem_top_k} must be a positive number of memory keys per query.")
         config["mem_top_k"] = mem_top_k
     with atomic_directory(out, mode=0o755) as partial:  # the previous checkpoint stays whole until the new one is in
-        for name in ("generation_config.json", "model.safetensors"):
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
             shutil.copy2(model_dir / name, partial / name)
-        (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if last_context_length is not None or mem_top_k is not None:
+            (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copy2(tokenizer_dir / "tokenizer.model", partial / "tokenizer.model")
         write_tokenizer_config(tokenizer_dir, partial, longllama_tokenizer=True)
         for path in code_files() if code else []:

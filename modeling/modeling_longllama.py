@@ -342,10 +342,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         all_hidden_states = None
         if output_hidden_states:
             all_hidden_states = tuple(x[0] if len(x) == 1 else torch.cat(x, dim=1) for x in zip(*layer_states))
-            everything = hidden_states.shape[1] == num_tokens and requests_all(requested, num_tokens)
-            all_hidden_states = all_hidden_states[:-1] + (
-                hidden_states if everything else self.norm(all_hidden_states[-1]),
-            )
+            last = hidden_states if requests_all(requested, num_tokens) else self.norm(all_hidden_states[-1])
+            all_hidden_states = all_hidden_states[:-1] + (last,)
         output = with_cache(
             BaseModelOutputWithPast, session if use_cache else None,
             last_hidden_state=hidden_states, hidden_states=all_hidden_states,
