@@ -3,28 +3,25 @@
 The checkpoint code (`longllama.modeling.knn_longllama`) has the reference exact search in plain torch. This module
 gives the same results (up to float rounding of the scores), faster:
 
-- on the CPU, a C kernel built when the package is installed (`longllama/csrc/topk.h`, `setup.py`): each query keeps
+- on the CPU, a C kernel built when the package is installed (`longllama/csrc/topk.h`, `kernels.py`): each query keeps
   a running top-k (a buffer of `2k + 16` candidates and a floor they must beat, a quickselect when it fills). For a
   few queries per key set (decoding) the inner products are computed in the kernel too, in one pass over the keys.
   It runs on torch's own OpenMP threads. Two builds: AVX2 + FMA (imported on CPUs that have both) and portable.
-- without the kernel (no C compiler at install time, k above `MAX_K`, memory on a GPU, or `LONGLLAMA_TOPK_KERNEL=0`),
+- without the kernel (no C compiler at install time, k above `MAX_K`, memory on a GPU, or `LONGLLAMA_KERNELS=0`),
   `FilteredTopK`: a torch running top-k that only looks at the keys that beat each query's current k-th score.
 
 Nothing is compiled or loaded from a writable location at run time: the kernel is an ordinary extension module of the
-package. Without it, the first search says so once (`topk_kernel`).
+package. Without it, the first search says so once (`kernels.compiled`).
 """
 
 import math
-import os
-import platform
-import threading
-import warnings
 
 import torch
 
+from . import kernels
+from .kernels import reusable_buffer
 from .modeling import knn_longllama
 
-ENV_SWITCH = "LONGLLAMA_TOPK_KERNEL"  # "0": never use the kernel (silently)
 MAX_K = 4096  # larger k use the torch path: a row's candidates are copied onto the C stack (32 KiB) when selecting
 NO_STATE = (0, 0, 0, 0, 0, 0)  # the kernel's NULL state
 # FilteredTopK cuts a score tile into GROUP strided groups of keys and merges its pending candidates once they reach
@@ -37,48 +34,6 @@ DENSE = 0.25
 FUSED_QUERIES = 128
 MATVEC_SPLIT = 8
 
-_UNLOADED = object()
-_kernel = _UNLOADED  # the kernel module, None when unavailable; see `topk_kernel`
-_load_lock = threading.Lock()
-_buffers = threading.local()  # per thread: reusable buffers, see `reusable_buffer`
-
-
-def topk_kernel():
-    """The compiled kernel module (`longllama._topk_avx2` on CPUs with AVX2 and FMA, else `longllama._topk`), or None
-    when it is switched off or was not built; then the first call warns once, and exact search uses torch."""
-    global _kernel
-    if _kernel is _UNLOADED:
-        with _load_lock:
-            if _kernel is _UNLOADED:
-                _kernel = _load()
-    return _kernel
-
-
-def _load():
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
-        return None
-    try:
-        if simd_available():
-            from . import _topk_avx2 as kernel
-        else:
-            from . import _topk as kernel
-        return kernel
-    except ImportError as error:
-        warnings.warn(
-            f"LongLLaMA's compiled top-k kernel is not installed ({error}): exact kNN search (mem_index='exact') "
-            f"uses its torch path (also exact, slower). It is built when the package is installed with a C compiler "
-            f"(gcc or clang) and the Python headers present: pip install --force-reinstall --no-deps longllama. Set "
-            f"{ENV_SWITCH}=0 to silence this warning.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
-
-
-def simd_available() -> bool:
-    """Whether this CPU runs the AVX2 + FMA build (x86-64 where torch detects AVX2)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def candidates(k: int) -> int:
@@ -86,29 +41,19 @@ def candidates(k: int) -> int:
     return 2 * k + 16
 
 
-def reusable_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A buffer of `numel` elements kept between searches, one per thread, name, dtype and device (grown when too
-    small): on the CPU a fresh one costs page faults on every search. The caller uses it before asking again."""
-    buffers = _buffers.__dict__.setdefault("by_key", {})
-    key = (name, dtype, torch.device(device))
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffer[:numel]
-
-
 class KernelTopK:
-    """The running top-k (score, id) of `rows` result rows, kept by the compiled kernel `lib` (see `topk_kernel`).
+    """The running top-k (score, id) of `rows` result rows, kept by the compiled kernel `lib` (`kernels.compiled()`).
 
     The interface of `RunningTopK` (`push` a tile of scores, `result`), plus `scan`: queries and keys, the products
-    computed in the kernel. Ids may come in any order. Uses `torch.get_num_threads()` threads. CPU float32 only."""
+    computed in the kernel. Ids may come in any order. Uses `torch.get_num_threads()` threads. CPU only; float32
+    scores and queries, keys in float32 or bfloat16 (read as stored)."""
 
     def __init__(self, rows: int, k: int, lib=None):
         if not 1 <= k <= MAX_K:
             raise ValueError(f"the top-k kernel takes 1 <= k <= {MAX_K}, got {k}")
-        lib = lib or topk_kernel()
+        lib = lib or kernels.compiled()
         if lib is None:
-            raise RuntimeError("the compiled top-k kernel is not available (see the warning of topk_kernel())")
+            raise RuntimeError("the compiled top-k kernel is not available (see the warning of kernels.compiled())")
         self.lib, self.rows, self.k, self.cap = lib, rows, k, candidates(k)
         self.threads = torch.get_num_threads()
         self.v = reusable_buffer("v", rows * self.cap, torch.float32).view(rows, self.cap)
@@ -137,8 +82,8 @@ class KernelTopK:
         )
 
     def scan(self, queries: torch.Tensor, keys: torch.Tensor, first_id: int, valid: torch.Tensor | None = None):
-        """Offer the inner products of `queries` `[B, H, R, D]` with `keys` `[B, H, n, D]` (key c has id
-        `first_id + c`; rows are `(b, h, r)` flattened); `valid` `[B, n]` bool, None for all."""
+        """Offer the inner products of `queries` `[B, H, R, D]` float32 with `keys` `[B, H, n, D]` float32 or bfloat16
+        (key c has id `first_id + c`; rows are `(b, h, r)` flattened); `valid` `[B, n]` bool, None for all."""
         B, H, R, D = queries.shape
         n = keys.shape[2]
         if B * H * R != self.rows or keys.shape[:2] != queries.shape[:2] or keys.shape[3] != D:
@@ -146,8 +91,9 @@ class KernelTopK:
         queries = queries.contiguous()
         if keys.stride(3) != 1 or keys.stride(2) != D:
             keys = keys.contiguous()
-        if queries.dtype != torch.float32 or keys.dtype != torch.float32:
-            raise ValueError(f"expected float32 queries and keys, got {queries.dtype} and {keys.dtype}")
+        if queries.dtype != torch.float32 or keys.dtype not in kernels.DTYPES or D > kernels.MAX_D:
+            raise ValueError(f"expected float32 queries and float32 or bfloat16 keys with head_dim <= {kernels.MAX_D}, "
+                             f"got {queries.dtype} and {keys.dtype} {list(keys.shape)}")
         if self.scratch is None and self.threads > 1:
             copies = self.threads - 1
             self.scratch_tensors = [
@@ -159,7 +105,8 @@ class KernelTopK:
             self.scratch = self._state(*self.scratch_tensors)
         valid = self._valid(valid, B, n)
         self.lib.scan(
-            self.state, queries.data_ptr(), H, B * H, R, D, keys.data_ptr(), keys.stride(0), keys.stride(1), n,
+            self.state, queries.data_ptr(), H, B * H, R, D, keys.data_ptr(), kernels.DTYPES[keys.dtype], keys.stride(0),
+            keys.stride(1), n,
             first_id, 0 if valid is None else valid.data_ptr(), 0 if valid is None else valid.stride(0),
             self.scratch or NO_STATE, self.threads,
         )
@@ -320,17 +267,17 @@ class ExactIndex(knn_longllama.ExactIndex):
     selects from) and `FilteredTopK` elsewhere; score tiles are reused between searches."""
 
     def _running_top_k(self, rows, k, device):
-        if device.type == "cpu" and k <= MAX_K and topk_kernel() is not None:
+        if device.type == "cpu" and k <= MAX_K and kernels.compiled() is not None:
             return KernelTopK(rows, k)
         return FilteredTopK(rows, k, device)
 
     def _offer(self, top, q, keys, first_id, valid):
         Bm, H, R, D = q.shape
         if isinstance(top, KernelTopK):
-            q, keys = q.to("cpu", torch.float32), keys.to("cpu", torch.float32)  # memory split between devices: rare
+            q, keys = q.to("cpu", torch.float32), keys.to("cpu")  # memory split between devices: rare
             valid = None if valid is None else valid.cpu()
-            if R <= FUSED_QUERIES and D % 8 == 0:  # the kernel's SIMD product takes 8 floats at a time
-                return top.scan(q, keys, first_id, valid)
+            if R <= FUSED_QUERIES and D % 8 == 0 and keys.dtype in kernels.DTYPES and D <= kernels.MAX_D:
+                return top.scan(q, keys, first_id, valid)  # bf16 keys are read as stored, widened in the kernel
         scores = self._score_tile(Bm * H * R * keys.shape[2], keys.device).view(Bm, H, R, keys.shape[2])
         _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
         top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
@@ -340,4 +287,4 @@ class ExactIndex(knn_longllama.ExactIndex):
         return reusable_buffer("score_tile", numel, torch.float32, device)
 
 
-__all__ = ["ExactIndex", "FilteredTopK", "KernelTopK", "MAX_K", "candidates", "reusable_buffer", "topk_kernel"]
+__all__ = ["ExactIndex", "FilteredTopK", "KernelTopK", "MAX_K", "candidates"]

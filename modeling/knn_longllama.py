@@ -6,7 +6,8 @@ faiss: `add`, `search(queries, k) -> (scores, ids)`, `evict`, `reset`, `ntotal`,
 padding entries (`valid` False) take an id but are never returned.
 
 `source` is a zero-argument callable returning an iterator over the live memory of the layer, in id order:
-`(first_id, keys [B, Hkv, n, D] float32, valid [B, n] bool)`, entry `j` of a block having id `first_id + j`.
+`(first_id, keys [B, Hkv, n, D], valid [B, n] bool)`, entry `j` of a block having id `first_id + j`; keys are floats
+of any precision (memory's stored dtype).
 
 Backends are looked up by name in `INDEX_BACKENDS`. This file, which ships in every checkpoint, has the reference
 `"exact"` backend in plain torch. The longllama package fills the registry when it is imported (docs/architecture.md):
@@ -65,7 +66,7 @@ class MemoryIndex(ABC):
 
     Args:
         source: zero-argument callable returning an iterator over the live memory in id order, as blocks
-            `(first_id, keys [B, Hkv, n, D] float32, valid [B, n] bool)` on any device.
+            `(first_id, keys [B, Hkv, n, D] float, valid [B, n] bool)` on any device.
         **options: backend options, see `defaults` of each backend.
     """
 

@@ -181,11 +181,12 @@ class MemorySegment:
         self.indexed_upto = 0  # ids below this are in the index (or were evicted)
 
     def key_blocks(self):
-        """`(first_id, keys float32 [Bm, Hkv, n, D], valid [Bm, n])` per chunk, in memory-row layout: an index's
-        source."""
+        """`(first_id, keys [Bm, Hkv, n, D], valid [Bm, n])` per chunk, in memory-row layout: an index's source. Float
+        keys are the stored ones (searches read them in place), int8 keys are decoded to float32."""
         for chunk in self.chunks:
             if chunk.live > 0:
-                yield chunk.first_id + chunk.start, chunk.decoded("keys", torch.float32), chunk.view("valid")
+                keys = chunk.view("keys") if chunk.key_scale is None else chunk.decoded("keys", torch.float32)
+                yield chunk.first_id + chunk.start, keys, chunk.view("valid")
 
     def select_rows(self, indices: torch.Tensor) -> None:
         """Session row b now reads what row `indices[b]` read (no copy)."""

@@ -74,7 +74,7 @@ class LongLlamaAttention(LlamaAttention):
         super().__init__(config, layer_idx)
         self.use_rotary = config.mem_positionals
         self.grouping = config.mem_attention_grouping
-        self.attention_function = MEMORY_ATTENTION_FUNCTIONS[config.mem_attention_implementation]
+        self.attention_implementation = config.mem_attention_implementation
 
     # diff vs Llama: memory read/write around the kernel; the mask is boolean (`window.visible`)
     def _project(self, hidden_states, position_embeddings, queries: bool = True):
@@ -125,7 +125,8 @@ class LongLlamaAttention(LlamaAttention):
             if window.stores_local:
                 key_states, value_states = layer_cache.update(key_states, value_states, raw_keys=raw_key_states)
             memory = layer_cache.memory_store if layer_cache.memory_length > 0 else None
-        attention_function = self.attention_function
+        # looked up per call: `import longllama` may replace a kernel by a faster one (docs/architecture.md)
+        attention_function = MEMORY_ATTENTION_FUNCTIONS[self.attention_implementation]
         top_k = window.mem_top_k
         if cache is not None and memory is not None and top_k is not None and top_k < memory.length:
             # kNN retrieval from the session memory (with k >= memory it would select everything: dense, exactly);

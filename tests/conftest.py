@@ -127,3 +127,39 @@ def config():
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+@pytest.fixture(params=["kernel", "reference"])
+def memory_attention_path(request, monkeypatch):
+    """Run a test with each dense memory attention: the package's, whose compiled kernel reads memory while decoding
+    (checked to be used), and the checkpoint code's blockwise kernel in plain torch."""
+    from longllama import attention, kernels
+    from longllama.modeling import attention_longllama
+
+    if request.param == "reference":
+        monkeypatch.setitem(
+            attention_longllama.MEMORY_ATTENTION_FUNCTIONS, "blockwise",
+            attention_longllama.blockwise_memory_attention_forward,
+        )
+        yield "reference"
+        return
+    assert attention_longllama.MEMORY_ATTENTION_FUNCTIONS["blockwise"] is attention.blockwise_memory_attention_forward
+    if kernels.compiled() is None:
+        pytest.skip("the package was installed without a C compiler: no compiled kernels")
+    calls = []
+    real = attention.memory_attention
+    monkeypatch.setattr(attention, "memory_attention", lambda *args: calls.append(1) or real(*args))
+    yield "kernel"
+    assert calls, "decoding never used the compiled memory attention"
+
+
+@pytest.fixture
+def checkpoint_kernels(monkeypatch):
+    """Only the checkpoint code's memory-attention kernels: what torch.compile traces (the compiled kernel is not
+    traceable, so the package's function hands compiled calls to them) and what a remote-code load runs."""
+    from longllama.modeling import attention_longllama
+
+    monkeypatch.setitem(
+        attention_longllama.MEMORY_ATTENTION_FUNCTIONS, "blockwise",
+        attention_longllama.blockwise_memory_attention_forward,
+    )

@@ -87,7 +87,7 @@ GENERATE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GENERATE_CASES))
-def test_greedy_generate_matches_reference(case):
+def test_greedy_generate_matches_reference(memory_attention_path, case):
     overrides, batch, length, new = GENERATE_CASES[case]
     model = make_model(**overrides)
     ids = random_ids(batch, length, seed=1)
@@ -95,7 +95,7 @@ def test_greedy_generate_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["tiny", "batch_2"])
-def test_generate_step_logits_match_reference(case):
+def test_generate_step_logits_match_reference(memory_attention_path, case):
     """Stronger than equal tokens: the logits of every step of generate() equal the reference's."""
     overrides, batch, length, new = GENERATE_CASES[case]
     model = make_model(**overrides)
@@ -110,7 +110,7 @@ def test_generate_step_logits_match_reference(case):
 
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 @pytest.mark.parametrize("spelling", ["cache", "past_key_values"])
-def test_token_by_token_decode_matches_reference(spelling):
+def test_token_by_token_decode_matches_reference(memory_attention_path, spelling):
     """Prefill, then one token per call passing the returned cache back (also with the deprecated spelling).
     Fed tokens are fixed random ids, so both sides see the same session whatever they would predict."""
     model = make_model(num_key_value_heads=2)
@@ -296,7 +296,7 @@ LEFT_PADDED_REFERENCE_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LEFT_PADDED_REFERENCE_CASES))
-def test_left_padded_generate_matches_reference(case):
+def test_left_padded_generate_matches_reference(memory_attention_path, case):
     """Where padding does change what a row computes (see above), batched generate equals the reference fed the same
     padded batch (HF position ids: cumsum of the mask)."""
     overrides, lengths, new = LEFT_PADDED_REFERENCE_CASES[case]

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from longllama import hnsw, search
+from longllama import hnsw, kernels, search
 from longllama.modeling import knn_longllama
 from longllama.modeling.knn_longllama import INDEX_BACKENDS, ExactIndex, make_index
 
@@ -109,11 +109,11 @@ def has_compiler() -> bool:
 
 def kernel_or_fail():
     """The package's compiled kernel; a test fails where a C compiler is installed but the kernel was not built."""
-    kernel = search.topk_kernel()
+    kernel = kernels.compiled()
     if kernel is None:
-        if has_compiler() and os.environ.get(search.ENV_SWITCH) != "0":
-            pytest.fail("a C compiler is installed but the package was installed without its top-k kernel")
-        pytest.skip("the package was installed without a C compiler: no top-k kernel")
+        if has_compiler() and os.environ.get(kernels.ENV_SWITCH) != "0":
+            pytest.fail("a C compiler is installed but the package was installed without its compiled kernels")
+        pytest.skip("the package was installed without a C compiler: no compiled kernels")
     return kernel
 
 
@@ -127,7 +127,7 @@ def exact_path(request, monkeypatch):
         return
     assert INDEX_BACKENDS["exact"] is search.ExactIndex  # registered by `import longllama`
     if request.param == "torch":
-        monkeypatch.setattr(search, "_kernel", None)
+        monkeypatch.setattr(kernels, "_module", None)
         yield "torch"
         return
     kernel_or_fail()
@@ -160,7 +160,7 @@ def test_exact_matches_brute_force(monkeypatch, exact_path, k, tile):
 def test_exact_running_top_k_filters(monkeypatch, dense):
     """Torch path: tiles after the first yield only the keys that beat the running k-th score, found either way; a tail
     of keys outside the groups, padding, and a second search on the reused score tile."""
-    monkeypatch.setattr(search, "_kernel", None)
+    monkeypatch.setattr(kernels, "_module", None)
     monkeypatch.setattr(search, "DENSE", dense)
     monkeypatch.setattr(knn_longllama, "SCORE_TILE", 2**14)  # a tile per 300-key block: 256 keys in groups, 44 not
     memory = Memory(B=2, H=2, n=3000, D=16, padding=0.1)
@@ -310,14 +310,15 @@ def kernel_blocks(B, H, n, D, block, padding, integer, generator):
 
 @pytest.fixture(params=["native", "generic"], scope="module")
 def kernel(request):
-    """The kernel `topk_kernel` picks (AVX2 where the CPU has it), and the portable build (non-x86 machines' code)."""
+    """The kernels `kernels.compiled` picks (AVX2 where the CPU has it), and the portable build (non-x86 machines'
+    code)."""
     native = kernel_or_fail()
     if request.param == "native":
         return native
-    from longllama import _topk
+    from longllama import _kernels
 
-    assert _topk.simd == 0
-    return _topk
+    assert _kernels.simd == 0
+    return _kernels
 
 
 @pytest.mark.parametrize("mode", ["scan", "push", "mixed"])
@@ -348,6 +349,22 @@ def test_kernel_matches_reference(kernel, mode, integer, B, H, R, n, D, k, paddi
     expected_scores, expected_ids = kernel_reference(blocks, queries, k)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, expected_ids)  # exact, and ties keep the earliest ids
+
+
+@pytest.mark.parametrize("D", [16, 12])  # the SIMD product, and the scalar one
+def test_kernel_scans_bfloat16_keys_as_stored(kernel, D):
+    """bf16 memory is scanned in place (widened 16 keys at a time in the kernel): the results of its float32 copy."""
+    generator = torch.Generator().manual_seed(D)
+    blocks = kernel_blocks(2, 2, 700, D, 300, 0.2, False, generator)
+    queries = torch.randn(2, 2, 3, D, generator=generator)
+    top = search.KernelTopK(2 * 2 * 3, 20, lib=kernel)
+    top.threads = 2
+    for first, keys, valid in blocks:
+        top.scan(queries, keys.bfloat16(), first, valid)
+    expected = kernel_reference([(first, keys.bfloat16().float(), valid) for first, keys, valid in blocks], queries, 20)
+    scores, ids = top.result()
+    torch.testing.assert_close(scores, expected[0], rtol=1e-5, atol=1e-5)
+    assert_same((scores.view(2, 2, 3, 20), ids.view(2, 2, 3, 20)), [x.view(2, 2, 3, 20) for x in expected])
 
 
 def test_kernel_strided_inputs(kernel):
@@ -381,6 +398,8 @@ def test_kernel_bad_arguments(kernel):
         top.push(torch.zeros(4, 10), 0, torch.ones(4, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="do not match"):
         top.scan(torch.zeros(1, 1, 3, 8), torch.zeros(1, 1, 10, 8), 0)
+    with pytest.raises(ValueError, match="float32 or bfloat16 keys"):
+        top.scan(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 10, 8, dtype=torch.float16), 0)
 
 
 def test_kernel_not_installed_falls_back_with_a_warning(monkeypatch):
@@ -389,29 +408,29 @@ def test_kernel_not_installed_falls_back_with_a_warning(monkeypatch):
     real_import = builtins.__import__
 
     def no_kernel(name, globals=None, locals=None, fromlist=(), level=0):
-        if {"_topk", "_topk_avx2"} & set(fromlist or ()) or name.startswith("longllama._topk"):
+        if {"_kernels", "_kernels_avx2"} & set(fromlist or ()) or name.startswith("longllama._kernels"):
             raise ImportError(f"no module named {name or fromlist[0]}")
         return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", no_kernel)
-    monkeypatch.setattr(search, "_kernel", search._UNLOADED)
+    monkeypatch.setattr(kernels, "_module", kernels._UNLOADED)
     memory = Memory()
     index = memory.index("exact")
     queries = memory.queries()
     with pytest.warns(RuntimeWarning, match="installed with a C compiler"):
         assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
-    assert search._kernel is None
+    assert kernels._module is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert_same(index.search(queries, 10), brute_force(memory, queries, 10))
 
 
 def test_kernel_switched_off(monkeypatch):
-    monkeypatch.setenv(search.ENV_SWITCH, "0")
-    monkeypatch.setattr(search, "_kernel", search._UNLOADED)
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    monkeypatch.setattr(kernels, "_module", kernels._UNLOADED)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert search.topk_kernel() is None
+        assert kernels.compiled() is None
 
 
 # ---------------------------------------------------------------------------------------------------- approximate

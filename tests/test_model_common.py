@@ -124,7 +124,7 @@ def test_bfloat16_model(config):
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_torch_compile_gives_the_same_logits(config):
+def test_torch_compile_gives_the_same_logits(config, checkpoint_kernels):
     """torch.compile of the whole model (the eager backend: Dynamo's tracing, without a C++ compiler)."""
     model, ids = model_and_ids(config)
     expected = logits(model, ids)
@@ -146,7 +146,7 @@ def test_decode_step_traces_without_graph_breaks():
 
 
 @pytest.mark.slow
-def test_compiled_decoding_equals_eager_decoding():
+def test_compiled_decoding_equals_eager_decoding(checkpoint_kernels):
     """torch.compile(model.forward, dynamic=True) over 20 greedy steps with two flushes: the same tokens and logits,
     recompiled a bounded number of times (the flush step and the first steps after it specialise)."""
     from torch._dynamo.utils import counters

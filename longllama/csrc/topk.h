@@ -1,6 +1,3 @@
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-
 /* Running top-k by inner product for LongLLaMA's exact kNN search (built with the package: setup.py, longllama/search.py).
 
 Each result row keeps a buffer of up to `cap` (score, id) candidates (cap >= 2k + 16), the number it holds and a
@@ -8,11 +5,11 @@ threshold: candidates must beat it to enter. When the buffer fills, a selection 
 rest are dropped and the threshold becomes the k-th best score. Appending is branch-free and the selection runs once
 per about k appends, which costs less than the mispredicted branches of a heap insertion per candidate. */
 
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
+#ifndef LONGLLAMA_TOPK_H
+#define LONGLLAMA_TOPK_H
 
-#define MAX_THREADS 64
+#include "common.h"
+
 #define PREFETCH 64 /* keys ahead that the fused scan asks the caches for */
 
 typedef struct {
@@ -83,50 +80,6 @@ static void compact(topk_state *s, int64_t r) {
     s->floor[r] = kth;
 }
 
-#ifdef __AVX2__
-#define SIMD 1
-#include <immintrin.h>
-/* Bit t set where x[t] > floor, t < 16. */
-static inline unsigned above(const float *x, float floor) {
-    __m256 f = _mm256_set1_ps(floor);
-    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), f, _CMP_GT_OQ)) |
-           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), f, _CMP_GT_OQ)) << 8;
-}
-/* The inner products of q with the 8 keys key + i * D, i < 8, for D a multiple of 8, stored to out[8]. */
-static inline void dot8(const float *q, const float *key, int64_t D, float *out) {
-    __m256 a[8];
-    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-        __m256 x = _mm256_loadu_ps(q + d);
-        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key + i * D + d), a[i]);
-    }
-    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-}
-#else
-#define SIMD 0
-static inline unsigned above(const float *x, float floor) {
-    unsigned mask = 0;
-    for (int t = 0; t < 16; t++) mask |= (unsigned)(x[t] > floor) << t;
-    return mask;
-}
-static inline void dot8(const float *q, const float *key, int64_t D, float *out) {
-    for (int i = 0; i < 8; i++) {
-        float s = 0;
-        for (int64_t d = 0; d < D; d++) s += q[d] * key[i * D + d];
-        out[i] = s;
-    }
-}
-#endif
-
-static inline float dot(const float *q, const float *key, int64_t D) {
-    float s = 0;
-    for (int64_t d = 0; d < D; d++) s += q[d] * key[d];
-    return s;
-}
-
 /* Add the scores x[t] for the bits t of mask (ids first_id + t), valid[t] or all valid, to the candidates of row r. */
 static inline void offer(topk_state *s, int64_t r, const float *x, unsigned mask, int64_t first_id,
                          const uint8_t *valid) {
@@ -141,22 +94,6 @@ static inline void offer(topk_state *s, int64_t r, const float *x, unsigned mask
     }
     s->count[r] = n;
     if (n > s->cap - 16) compact(s, r);
-}
-
-/* Threads: OpenMP. Built with -fopenmp on Linux, the library shares torch's libgomp (already loaded, same soname), so
-   its parallel regions run on torch's own worker threads instead of competing with them; built without OpenMP, it
-   runs on one thread. */
-#ifdef _OPENMP
-#include <omp.h>
-#else
-static int omp_get_thread_num(void) { return 0; }
-static int omp_get_num_threads(void) { return 1; }
-#endif
-
-static int clamp_threads(int threads, int64_t work, int64_t grain) {
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > work / grain) threads = (int)(work / grain);
-    return threads < 1 ? 1 : threads;
 }
 
 /* ---------------------------------------------------------------- a tile of scores, rows split among threads */
@@ -185,27 +122,28 @@ static int topk_push(topk_state *s, int64_t rows, const float *scores, int64_t n
 
 /* Offer the inner products of queries q [sets * R, D] with keys [lo, hi) of every set to state `own`. */
 static void scan_range(topk_state *own, const float *q, int64_t H, int64_t sets, int64_t R, int64_t D,
-                       const float *all_keys, int64_t key_b, int64_t key_h, int64_t lo, int64_t hi, int64_t first_id,
-                       const uint8_t *all_valid, int64_t valid_ld) {
-    float x[16];
+                       const void *all_keys, int dtype, int64_t key_b, int64_t key_h, int64_t lo, int64_t hi,
+                       int64_t first_id, const uint8_t *all_valid, int64_t valid_ld) {
+    float x[16], widened[16 * D];
     for (int64_t set = 0; set < sets; set++) {
-        const float *keys = all_keys + (set / H) * key_b + (set % H) * key_h;
+        const int64_t base = (set / H) * key_b + (set % H) * key_h;
         const uint8_t *valid = all_valid ? all_valid + (set / H) * valid_ld : NULL;
         for (int64_t c = lo; c < hi; c += 16) {
             int64_t m = hi - c < 16 ? hi - c : 16;
             if (c + PREFETCH + 16 <= hi) /* about 15% faster at 1M keys than leaving it to the hardware */
-                for (int64_t i = 0; i < 16 * D; i += 16) __builtin_prefetch(keys + (c + PREFETCH) * D + i);
+                prefetch(all_keys, dtype, base + (c + PREFETCH) * D, 16 * D);
+            const float *keys = as_floats(all_keys, dtype, base + c * D, m * D, widened); /* keys c .. c + m */
             for (int64_t r = 0; r < R; r++) {
                 const float *qr = q + (set * R + r) * D;
                 float floor = own->floor[set * R + r];
                 unsigned mask = 0;
                 if (m == 16 && D % 8 == 0) {
-                    dot8(qr, keys + c * D, D, x);
-                    dot8(qr, keys + (c + 8) * D, D, x + 8);
+                    dot8(qr, keys, D, x);
+                    dot8(qr, keys + 8 * D, D, x + 8);
                     mask = above(x, floor);
                 } else {
                     for (int64_t t = 0; t < m; t++) {
-                        x[t] = dot(qr, keys + (c + t) * D, D);
+                        x[t] = dot(qr, keys + t * D, D);
                         mask |= (unsigned)(x[t] > floor) << t;
                     }
                 }
@@ -216,12 +154,12 @@ static void scan_range(topk_state *own, const float *q, int64_t H, int64_t sets,
 }
 
 /* Offer the inner products of the queries q [sets, R, D] with their keys to the running top-k of their rows
-   (row = set * R + r). Set (b, h) = (set / H, set % H) has its n keys, each D contiguous floats, at
-   keys + b * key_b + h * key_h; key c has id first_id + c and is valid where valid[b * valid_ld + c] (all when NULL).
+   (row = set * R + r). Set (b, h) = (set / H, set % H) has its n keys, each D contiguous elements of `dtype`, at
+   element keys + b * key_b + h * key_h; key c has id first_id + c and is valid where valid[b * valid_ld + c] (all when NULL).
    With several threads each takes a range of keys into a private top-k, merged at the end: `scratch` has room for
    (threads - 1) states of the same rows (v, ids: (threads - 1) * rows * cap; count, floor: (threads - 1) * rows). */
 static int topk_scan(topk_state *s, const float *q, int64_t H, int64_t sets, int64_t R, int64_t D,
-                     const float *keys, int64_t key_b, int64_t key_h, int64_t n, int64_t first_id,
+                     const void *keys, int dtype, int64_t key_b, int64_t key_h, int64_t n, int64_t first_id,
                      const uint8_t *valid, int64_t valid_ld, topk_state *scratch, int threads) {
     const int64_t rows = sets * R;
     int team = 1;
@@ -240,7 +178,7 @@ static int topk_scan(topk_state *s, const float *q, int64_t H, int64_t sets, int
             team = size;
         }
         int64_t lo = n * t / size / 16 * 16, hi = t == size - 1 ? n : n * (t + 1) / size / 16 * 16;
-        scan_range(&own, q, H, sets, R, D, keys, key_b, key_h, lo, hi, first_id, valid, valid_ld);
+        scan_range(&own, q, H, sets, R, D, keys, dtype, key_b, key_h, lo, hi, first_id, valid, valid_ld);
     }
     for (int t = 1; t < team; t++) /* merge the private candidates, one at a time: their ids are not consecutive */
         for (int64_t r = 0; r < rows; r++) {
@@ -260,7 +198,7 @@ static int topk_finish(topk_state *s, int64_t rows) {
     return 0;
 }
 
-/* ---------------------------------------------------------------- the Python module (MODULE_NAME, MODULE_INIT)
+/* ---------------------------------------------------------------- Python bindings (module.h)
 
 Every function takes tensors as their `data_ptr()` (0 for NULL) and a state as the tuple (v, ids, count, floor, cap, k)
 of pointers and sizes; longllama/search.py (`KernelTopK`) keeps the tensors alive and checks shapes, dtypes and
@@ -292,14 +230,19 @@ static PyObject *py_scan(PyObject *self, PyObject *args) {
     topk_state s, scratch;
     unsigned long long s_p[4], scratch_p[4], q, keys, valid;
     long long H, sets, R, D, key_b, key_h, n, first_id, valid_ld;
-    int threads;
-    if (!PyArg_ParseTuple(args, STATE_FORMAT "KLLLLKLLLLKL" STATE_FORMAT "i", STATE_ARGS(s), &q, &H, &sets, &R, &D,
-                          &keys, &key_b, &key_h, &n, &first_id, &valid, &valid_ld, STATE_ARGS(scratch), &threads))
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, STATE_FORMAT "KLLLLKiLLLLKL" STATE_FORMAT "i", STATE_ARGS(s), &q, &H, &sets, &R, &D,
+                          &keys, &dtype, &key_b, &key_h, &n, &first_id, &valid, &valid_ld, STATE_ARGS(scratch),
+                          &threads))
         return NULL;
+    if (D < 1 || D > MAX_D || (dtype != DTYPE_F32 && dtype != DTYPE_BF16)) {
+        PyErr_SetString(PyExc_ValueError, "scan: bad head_dim or dtype");
+        return NULL;
+    }
     STATE_FROM(s);
     STATE_FROM(scratch);
     Py_BEGIN_ALLOW_THREADS;
-    topk_scan(&s, (const float *)(uintptr_t)q, H, sets, R, D, (const float *)(uintptr_t)keys, key_b, key_h, n,
+    topk_scan(&s, (const float *)(uintptr_t)q, H, sets, R, D, (const void *)(uintptr_t)keys, dtype, key_b, key_h, n,
               first_id, (const uint8_t *)(uintptr_t)valid, valid_ld, scratch.v ? &scratch : NULL, threads);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
@@ -317,18 +260,4 @@ static PyObject *py_finish(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyMethodDef methods[] = {
-    {"push", py_push, METH_VARARGS, "push(state, rows, scores, n, ld, first_id, valid, valid_ld, rows_per_valid, threads)"},
-    {"scan", py_scan, METH_VARARGS,
-     "scan(state, q, H, sets, R, D, keys, key_b, key_h, n, first_id, valid, valid_ld, scratch, threads)"},
-    {"finish", py_finish, METH_VARARGS, "finish(state, rows)"},
-    {NULL, NULL, 0, NULL},
-};
-
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, MODULE_NAME, "LongLLaMA's running top-k kernel", -1, methods};
-
-PyMODINIT_FUNC MODULE_INIT(void) {
-    PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "simd", SIMD) < 0) Py_CLEAR(m);
-    return m;
-}
+#endif /* LONGLLAMA_TOPK_H */

@@ -1,0 +1,153 @@
+/* Memory attention for decoding (longllama/attention.py): the few queries of a decode step against every entry of a
+memory layer, in one pass that reads the memory once, in place, in its stored dtype (float32, or bf16 widened 16
+entries at a time on the stack), with float32 accumulation: scores, a running softmax and the weighted sum of values.
+
+The softmax state of every result row (set s = b * H + h of batch row b and KV head h, query r: row s * R + r) is
+carried across calls, one call per memory chunk:
+    m[row]       the largest score so far (-inf: nothing seen yet)
+    l[row]       the sum of exp(score - m) over the entries seen
+    acc[row, D]  the sum of exp(score - m) * value
+The attention output over memory is then acc / l and its log-sum-exp m + log(l), which longllama/attention.py merges
+with the local context exactly as the blockwise kernel merges its blocks. Entries that are not valid (padding) are
+skipped. */
+
+#ifndef LONGLLAMA_ATTEND_H
+#define LONGLLAMA_ATTEND_H
+
+#include "common.h"
+
+#define AHEAD 32 /* entries ahead that the scan asks the caches for */
+
+/* Fold the scores x[0..n) (n <= 16; -inf: skipped) of entries whose values are v[t * D ..] into one row's state. */
+static inline void fold(float *m, float *l, float *acc, const float *x, int n, const float *v, int64_t D) {
+    float best = -INFINITY, p[16];
+    for (int t = 0; t < n; t++) best = x[t] > best ? x[t] : best;
+    if (best == -INFINITY) return;
+    if (best > *m) { /* a new maximum: rescale what was summed so far (by 0 the first time, m = -inf) */
+        float scale = expf(*m - best);
+        *l *= scale;
+        for (int64_t d = 0; d < D; d++) acc[d] *= scale;
+        *m = best;
+    }
+    /* the block's terms are summed on their own, then added: rounding errors grow with blocks, not entries */
+    float sum = 0, part[D];
+    for (int t = 0; t < n; t++) sum += p[t] = expf(x[t] - *m);
+    for (int64_t d = 0; d < D; d++) part[d] = 0;
+    for (int t = 0; t < n; t++) {
+        if (p[t] == 0) continue;
+        const float *vt = v + t * D;
+        for (int64_t d = 0; d < D; d++) part[d] += p[t] * vt[d];
+    }
+    *l += sum;
+    for (int64_t d = 0; d < D; d++) acc[d] += part[d];
+}
+
+/* Fold two states of one row: (m, l, acc) += (m2, l2, acc2). */
+static inline void merge(float *m, float *l, float *acc, float m2, float l2, const float *acc2, int64_t D) {
+    if (m2 == -INFINITY) return;
+    float top = m2 > *m ? m2 : *m, a = expf(*m - top), b = expf(m2 - top);
+    *l = *l * a + l2 * b;
+    for (int64_t d = 0; d < D; d++) acc[d] = acc[d] * a + acc2[d] * b;
+    *m = top;
+}
+
+static inline int any_valid(const uint8_t *valid, int n) {
+    for (int t = 0; t < n; t++)
+        if (valid[t]) return 1;
+    return 0;
+}
+
+/* Entries [lo, hi) of one set for its R queries q [R, D]: keys and values start at element key_at / value_at. */
+static void attend_range(float *m, float *l, float *acc, const float *q, int64_t R, int64_t D, const void *keys,
+                         const void *values, int dtype, int64_t key_at, int64_t value_at, int64_t lo, int64_t hi,
+                         const uint8_t *valid) {
+    float kbuf[16 * D], vbuf[16 * D], x[R * 16];
+    for (int64_t c = lo; c < hi; c += 16) {
+        int n = hi - c < 16 ? (int)(hi - c) : 16;
+        if (valid && !any_valid(valid + c, n)) continue;
+        if (c + AHEAD + 16 <= hi) {
+            prefetch(keys, dtype, key_at + (c + AHEAD) * D, 16 * D);
+            prefetch(values, dtype, value_at + (c + AHEAD) * D, 16 * D);
+        }
+        const float *k = as_floats(keys, dtype, key_at + c * D, n * D, kbuf);
+        for (int64_t r = 0; r < R; r++) {
+            float *xr = x + r * 16;
+            if (n == 16 && D % 8 == 0) {
+                dot8(q + r * D, k, D, xr);
+                dot8(q + r * D, k + 8 * D, D, xr + 8);
+            } else {
+                for (int t = 0; t < n; t++) xr[t] = dot(q + r * D, k + t * D, D);
+            }
+            if (valid)
+                for (int t = 0; t < n; t++) xr[t] = valid[c + t] ? xr[t] : -INFINITY;
+        }
+        const float *v = as_floats(values, dtype, value_at + c * D, n * D, vbuf);
+        for (int64_t r = 0; r < R; r++) fold(m + r, l + r, acc + r * D, x + r * 16, n, v, D);
+    }
+}
+
+/* Fold n memory entries into the state (m [sets * R], l [sets * R], acc [sets * R, D]) of the queries q
+   [sets * R, D] (already multiplied by the softmax scale). Set s = b * H + h reads memory row mb = rows[b] (b when
+   rows is NULL): its keys at element keys + mb * key_b + h * key_h + c * D (D contiguous elements of `dtype` per
+   entry c), its values likewise, valid[mb * valid_ld + c] (all valid when NULL). Each set's entries are cut into
+   `splits` ranges; with more than one, range p of set s folds into its own state in `scratch` (sets * splits rows
+   of R * (D + 2) floats), merged into the state in order at the end. */
+static int attend(float *m, float *l, float *acc, const float *q, int64_t B, int64_t H, int64_t R, int64_t D,
+                  const void *keys, const void *values, int dtype, int64_t key_b, int64_t key_h, int64_t value_b,
+                  int64_t value_h, int64_t n, const uint8_t *valid, int64_t valid_ld, const int64_t *rows,
+                  float *scratch, int64_t splits, int threads) {
+    const int64_t sets = B * H, tasks = B * H * splits, own_floats = R * (D + 2);
+    threads = clamp_threads(threads, n * sets * R * D, 1 << 16);
+    if (threads > tasks) threads = (int)tasks;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t set = task / splits, part = task % splits, b = set / H, h = set % H, mb = rows ? rows[b] : b;
+        float *tm = m + set * R, *tl = l + set * R, *tacc = acc + set * R * D;
+        if (splits > 1) {
+            tm = scratch + task * own_floats, tl = tm + R, tacc = tl + R;
+            for (int64_t r = 0; r < R; r++) tm[r] = -INFINITY, tl[r] = 0;
+            memset(tacc, 0, sizeof(float) * R * D);
+        }
+        attend_range(tm, tl, tacc, q + set * R * D, R, D, keys, values, dtype, mb * key_b + h * key_h,
+                     mb * value_b + h * value_h, n * part / splits, n * (part + 1) / splits,
+                     valid ? valid + mb * valid_ld : NULL);
+    }
+    if (splits > 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const float *own = scratch + task * own_floats;
+            int64_t set = task / splits;
+            for (int64_t r = 0; r < R; r++)
+                merge(m + set * R + r, l + set * R + r, acc + (set * R + r) * D, own[r], own[R + r],
+                      own + 2 * R + r * D, D);
+        }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- Python binding (module.h)
+
+attend(m, l, acc, q, B, H, R, D, keys, values, dtype, key_b, key_h, value_b, value_h, n, valid, valid_ld, rows,
+       scratch, splits, threads): tensors as their `data_ptr()` (0 for NULL); longllama/attention.py keeps them alive
+and checks shapes, dtypes and strides. The GIL is released while the kernel runs. */
+
+static PyObject *py_attend(PyObject *self, PyObject *args) {
+    unsigned long long m, l, acc, q, keys, values, valid, rows, scratch;
+    long long B, H, R, D, key_b, key_h, value_b, value_h, n, valid_ld, splits;
+    int dtype, threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLLKKiLLLLLKLKKLi", &m, &l, &acc, &q, &B, &H, &R, &D, &keys, &values, &dtype,
+                          &key_b, &key_h, &value_b, &value_h, &n, &valid, &valid_ld, &rows, &scratch, &splits,
+                          &threads))
+        return NULL;
+    if (D < 1 || D > MAX_D || R < 1 || splits < 1 || (dtype != DTYPE_F32 && dtype != DTYPE_BF16)) {
+        PyErr_SetString(PyExc_ValueError, "attend: bad head_dim, query count, splits or dtype");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    attend((float *)(uintptr_t)m, (float *)(uintptr_t)l, (float *)(uintptr_t)acc, (const float *)(uintptr_t)q, B, H,
+           R, D, (const void *)(uintptr_t)keys, (const void *)(uintptr_t)values, dtype, key_b, key_h, value_b, value_h,
+           n, (const uint8_t *)(uintptr_t)valid, valid_ld, (const int64_t *)(uintptr_t)rows,
+           (float *)(uintptr_t)scratch, splits, threads);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+#endif /* LONGLLAMA_ATTEND_H */

@@ -1,0 +1,116 @@
+/* What LongLLaMA's compiled kernels share (topk.h, attend.h): SIMD helpers, memory dtypes, threads.
+
+Built twice by setup.py: with -mavx2 -mfma (`__AVX2__`, SIMD 1) and portable (SIMD 0). */
+
+#ifndef LONGLLAMA_COMMON_H
+#define LONGLLAMA_COMMON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_THREADS 64
+#define MAX_D 512 /* head_dim bound: blocks of 16 keys are widened into stack buffers of 16 * D floats */
+
+/* How memory stores keys and values (longllama/kernels.py, DTYPES). */
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+
+static inline size_t dtype_size(int dtype) { return dtype == DTYPE_BF16 ? 2 : 4; }
+
+#ifdef __AVX2__
+#define SIMD 1
+#include <immintrin.h>
+/* Bit t set where x[t] > floor, t < 16. */
+static inline unsigned above(const float *x, float floor) {
+    __m256 f = _mm256_set1_ps(floor);
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), f, _CMP_GT_OQ)) |
+           (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), f, _CMP_GT_OQ)) << 8;
+}
+/* The inner products of q with the 8 keys key + i * D, i < 8, for D a multiple of 8, stored to out[8]. */
+static inline void dot8(const float *q, const float *key, int64_t D, float *out) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 x = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(x, _mm256_loadu_ps(key + i * D + d), a[i]);
+    }
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+/* bf16 -> float32 is exact: the 16 bits are the high half of the float. */
+static inline void widen_bf16(const uint16_t *src, int64_t count, float *dst) {
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+    }
+    for (; i < count; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+#else
+#define SIMD 0
+static inline unsigned above(const float *x, float floor) {
+    unsigned mask = 0;
+    for (int t = 0; t < 16; t++) mask |= (unsigned)(x[t] > floor) << t;
+    return mask;
+}
+static inline void dot8(const float *q, const float *key, int64_t D, float *out) {
+    for (int i = 0; i < 8; i++) {
+        float s = 0;
+        for (int64_t d = 0; d < D; d++) s += q[d] * key[i * D + d];
+        out[i] = s;
+    }
+}
+static inline void widen_bf16(const uint16_t *src, int64_t count, float *dst) {
+    for (int64_t i = 0; i < count; i++) {
+        uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(dst + i, &u, 4);
+    }
+}
+#endif
+
+static inline float dot(const float *q, const float *key, int64_t D) {
+    float s = 0;
+    for (int64_t d = 0; d < D; d++) s += q[d] * key[d];
+    return s;
+}
+
+/* Elements [offset, offset + count) of stored keys or values as floats: the stored floats themselves, or bf16 widened
+   into buf (room for count floats). */
+static inline const float *as_floats(const void *data, int dtype, int64_t offset, int64_t count, float *buf) {
+    if (dtype == DTYPE_F32) return (const float *)data + offset;
+    widen_bf16((const uint16_t *)data + offset, count, buf);
+    return buf;
+}
+
+/* Ask the caches for the `count` elements at data + offset (dtype), ahead of use. */
+static inline void prefetch(const void *data, int dtype, int64_t offset, int64_t count) {
+    const char *p = (const char *)data + offset * (int64_t)dtype_size(dtype);
+    for (int64_t i = 0; i < count * (int64_t)dtype_size(dtype); i += 64) __builtin_prefetch(p + i);
+}
+
+/* Threads: OpenMP. Built with -fopenmp on Linux, the library shares torch's libgomp (already loaded, same soname), so
+   its parallel regions run on torch's own worker threads instead of competing with them; built without OpenMP, it
+   runs on one thread. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+static int clamp_threads(int threads, int64_t work, int64_t grain) {
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > work / grain) threads = (int)(work / grain);
+    return threads < 1 ? 1 : threads;
+}
+
+#endif /* LONGLLAMA_COMMON_H */
