@@ -192,6 +192,7 @@ def _load_layer(layer, state: dict, prefix: str, tensors: dict, device: torch.de
     store: LayerMemory = layer.memory_store
     memory_device = store.device or device
     store.segments = []
+    store.version += 1  # readers that cached the old layout read it again
     for s, segment_state in enumerate(state["segments"]):
         rows = tensors[f"{prefix}.segments.{s}.rows"].to(memory_device) if segment_state["rows"] else None
         store.segments.append(MemorySegment(rows))

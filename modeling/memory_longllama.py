@@ -219,11 +219,13 @@ class LayerMemory:
         self.segments: list[MemorySegment] = []
         self.next_id = 0  # entries ever written
         self.length = 0  # entries kept
+        self.version = 0  # changes whenever the layout of the stored tensors may have (what readers may cache)
 
     # writing
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Append `keys`, `values` `[B, Hkv, t, D]` (unrotated) and `valid` `[B, t]`, then evict beyond `max_tokens`."""
+        self.version += 1
         device = self.device or keys.device
         keys, values = keys.detach().to(device), values.detach().to(device)
         valid = valid.to(device=device, dtype=torch.bool)
@@ -369,11 +371,13 @@ class LayerMemory:
 
     def select_rows(self, indices: torch.Tensor) -> None:
         """Session row b continues what row `indices[b]` had (beam reordering, expansion): memory is not copied."""
+        self.version += 1
         for segment in self.segments:
             segment.select_rows(indices)
 
     def reset(self) -> None:
         self.segments, self.next_id, self.length = [], 0, 0
+        self.version += 1
 
     @property
     def nbytes(self) -> int:

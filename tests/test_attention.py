@@ -108,6 +108,24 @@ def test_beam_rows_share_memory(lib):
     check(lib, torch.randn(4, 2, 1, 8), memory)
 
 
+def test_the_cached_chunk_table_follows_every_change(lib):
+    """The kernel's table of chunk addresses is kept between steps and rebuilt after writes (which may move a chunk's
+    tensors), beam reorders and resets."""
+    memory = make_memory(2, 2, 8, 100)
+    q = torch.randn(2, 2, 1, 8)
+    check(lib, q, memory)
+    table = memory._kernel_chunk_table[1]
+    check(lib, q, memory)
+    assert memory._kernel_chunk_table[1] is table  # reused
+    memory.add(torch.randn(2, 2, 500, 8), torch.randn(2, 2, 500, 8), torch.ones(2, 500, dtype=torch.bool))
+    check(lib, q, memory)  # the chunk grew into a new allocation
+    memory.select_rows(torch.tensor([1, 0]))
+    check(lib, q, memory)
+    memory.reset()
+    memory.add(torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8), torch.ones(2, 30, dtype=torch.bool))
+    check(lib, q, memory)
+
+
 def test_package_kernel_matches_checkpoint_kernel(lib, monkeypatch):
     """The registered `"blockwise"` function with the compiled kernel equals the checkpoint code's blockwise kernel
     on a decode step: local context with padding, memory in bf16, grouped-query attention."""

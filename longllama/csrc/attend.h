@@ -3,7 +3,7 @@ memory layer, in one pass that reads the memory once, in place, in its stored dt
 entries at a time on the stack), with float32 accumulation: scores, a running softmax and the weighted sum of values.
 
 The softmax state of every result row (set s = b * H + h of batch row b and KV head h, query r: row s * R + r) is
-carried across calls, one call per memory chunk:
+carried across calls (one per memory layer and step, over all of its chunks):
     m[row]       the largest score so far (-inf: nothing seen yet)
     l[row]       the sum of exp(score - m) over the entries seen
     acc[row, D]  the sum of exp(score - m) * value
@@ -86,31 +86,47 @@ static void attend_range(float *m, float *l, float *acc, const float *q, int64_t
     }
 }
 
-/* Fold n memory entries into the state (m [sets * R], l [sets * R], acc [sets * R, D]) of the queries q
-   [sets * R, D] (already multiplied by the softmax scale). Set s = b * H + h reads memory row mb = rows[b] (b when
-   rows is NULL): its keys at element keys + mb * key_b + h * key_h + c * D (D contiguous elements of `dtype` per
-   entry c), its values likewise, valid[mb * valid_ld + c] (all valid when NULL). Each set's entries are cut into
-   `splits` ranges; with more than one, range p of set s folds into its own state in `scratch` (sets * splits rows
-   of R * (D + 2) floats), merged into the state in order at the end. */
+/* One memory chunk as the caller describes it: a row of CHUNK_FIELDS int64 (longllama/attention.py, `_chunk_table`).
+   Pointers are addresses; strides count elements. Session row b reads memory row rows[b] (b when rows is 0). */
+enum { C_KEYS, C_VALUES, C_VALID, C_ROWS, C_N, C_KEY_B, C_KEY_H, C_VALUE_B, C_VALUE_H, C_VALID_LD, CHUNK_FIELDS };
+
+/* Fold the entries of `chunks` (C rows of CHUNK_FIELDS) into the state (m [sets * R], l [sets * R],
+   acc [sets * R, D]) of the queries q [sets * R, D] (already multiplied by the softmax scale), set s = b * H + h.
+   Entry c of a chunk: its key at element keys + mb * key_b + h * key_h + c * D (D contiguous elements of `dtype`),
+   its value likewise, valid where valid[mb * valid_ld + c] (all when 0). The entries of all chunks, in order, are
+   cut into `splits` ranges per set; with more than one, range p of set s folds into its own state in `scratch`
+   (sets * splits blocks of R * (D + 2) floats), merged into the state in order at the end. */
 static int attend(float *m, float *l, float *acc, const float *q, int64_t B, int64_t H, int64_t R, int64_t D,
-                  const void *keys, const void *values, int dtype, int64_t key_b, int64_t key_h, int64_t value_b,
-                  int64_t value_h, int64_t n, const uint8_t *valid, int64_t valid_ld, const int64_t *rows,
-                  float *scratch, int64_t splits, int threads) {
+                  int dtype, const int64_t *chunks, int64_t C, float *scratch, int64_t splits, int threads) {
     const int64_t sets = B * H, tasks = B * H * splits, own_floats = R * (D + 2);
-    threads = clamp_threads(threads, n * sets * R * D, 1 << 16);
+    int64_t total = 0;
+    for (int64_t c = 0; c < C; c++) total += chunks[c * CHUNK_FIELDS + C_N];
+    threads = clamp_threads(threads, total * sets * R * D, 1 << 16);
     if (threads > tasks) threads = (int)tasks;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
-        int64_t set = task / splits, part = task % splits, b = set / H, h = set % H, mb = rows ? rows[b] : b;
+        int64_t set = task / splits, part = task % splits, b = set / H, h = set % H;
+        int64_t lo = total * part / splits, hi = total * (part + 1) / splits, first = 0;
         float *tm = m + set * R, *tl = l + set * R, *tacc = acc + set * R * D;
         if (splits > 1) {
             tm = scratch + task * own_floats, tl = tm + R, tacc = tl + R;
             for (int64_t r = 0; r < R; r++) tm[r] = -INFINITY, tl[r] = 0;
             memset(tacc, 0, sizeof(float) * R * D);
         }
-        attend_range(tm, tl, tacc, q + set * R * D, R, D, keys, values, dtype, mb * key_b + h * key_h,
-                     mb * value_b + h * value_h, n * part / splits, n * (part + 1) / splits,
-                     valid ? valid + mb * valid_ld : NULL);
+        for (int64_t c = 0; c < C && first < hi; c++) { /* entries [first, first + n) of the whole memory */
+            const int64_t *chunk = chunks + c * CHUNK_FIELDS, n = chunk[C_N];
+            int64_t from = lo > first ? lo - first : 0, to = hi - first < n ? hi - first : n;
+            if (from < to) {
+                const int64_t *rows = (const int64_t *)(uintptr_t)chunk[C_ROWS];
+                const uint8_t *valid = (const uint8_t *)(uintptr_t)chunk[C_VALID];
+                int64_t mb = rows ? rows[b] : b;
+                attend_range(tm, tl, tacc, q + set * R * D, R, D, (const void *)(uintptr_t)chunk[C_KEYS],
+                             (const void *)(uintptr_t)chunk[C_VALUES], dtype, mb * chunk[C_KEY_B] + h * chunk[C_KEY_H],
+                             mb * chunk[C_VALUE_B] + h * chunk[C_VALUE_H], from, to,
+                             valid ? valid + mb * chunk[C_VALID_LD] : NULL);
+            }
+            first += n;
+        }
     }
     if (splits > 1)
         for (int64_t task = 0; task < tasks; task++) {
@@ -125,17 +141,16 @@ static int attend(float *m, float *l, float *acc, const float *q, int64_t B, int
 
 /* ---------------------------------------------------------------- Python binding (module.h)
 
-attend(m, l, acc, q, B, H, R, D, keys, values, dtype, key_b, key_h, value_b, value_h, n, valid, valid_ld, rows,
-       scratch, splits, threads): tensors as their `data_ptr()` (0 for NULL); longllama/attention.py keeps them alive
-and checks shapes, dtypes and strides. The GIL is released while the kernel runs. */
+attend(m, l, acc, q, B, H, R, D, dtype, chunks, C, scratch, splits, threads): tensors as their `data_ptr()` (0 for
+NULL), `chunks` an int64 [C, CHUNK_FIELDS] table; longllama/attention.py keeps every tensor alive and checks shapes,
+dtypes, strides and rows. The GIL is released while the kernel runs. */
 
 static PyObject *py_attend(PyObject *self, PyObject *args) {
-    unsigned long long m, l, acc, q, keys, values, valid, rows, scratch;
-    long long B, H, R, D, key_b, key_h, value_b, value_h, n, valid_ld, splits;
+    unsigned long long m, l, acc, q, chunks, scratch;
+    long long B, H, R, D, C, splits;
     int dtype, threads;
-    if (!PyArg_ParseTuple(args, "KKKKLLLLKKiLLLLLKLKKLi", &m, &l, &acc, &q, &B, &H, &R, &D, &keys, &values, &dtype,
-                          &key_b, &key_h, &value_b, &value_h, &n, &valid, &valid_ld, &rows, &scratch, &splits,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "KKKKLLLLiKLKLi", &m, &l, &acc, &q, &B, &H, &R, &D, &dtype, &chunks, &C, &scratch,
+                          &splits, &threads))
         return NULL;
     if (D < 1 || D > MAX_D || R < 1 || splits < 1 || (dtype != DTYPE_F32 && dtype != DTYPE_BF16)) {
         PyErr_SetString(PyExc_ValueError, "attend: bad head_dim, query count, splits or dtype");
@@ -143,9 +158,7 @@ static PyObject *py_attend(PyObject *self, PyObject *args) {
     }
     Py_BEGIN_ALLOW_THREADS;
     attend((float *)(uintptr_t)m, (float *)(uintptr_t)l, (float *)(uintptr_t)acc, (const float *)(uintptr_t)q, B, H,
-           R, D, (const void *)(uintptr_t)keys, (const void *)(uintptr_t)values, dtype, key_b, key_h, value_b, value_h,
-           n, (const uint8_t *)(uintptr_t)valid, valid_ld, (const int64_t *)(uintptr_t)rows,
-           (float *)(uintptr_t)scratch, splits, threads);
+           R, D, dtype, (const int64_t *)(uintptr_t)chunks, C, (float *)(uintptr_t)scratch, splits, threads);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }

@@ -11,8 +11,7 @@ static PyMethodDef methods[] = {
      "scan(state, q, H, sets, R, D, keys, dtype, key_b, key_h, n, first_id, valid, valid_ld, scratch, threads)"},
     {"finish", py_finish, METH_VARARGS, "finish(state, rows)"},
     {"attend", py_attend, METH_VARARGS,
-     "attend(m, l, acc, q, B, H, R, D, keys, values, dtype, key_b, key_h, value_b, value_h, n, valid, valid_ld, rows, "
-     "scratch, splits, threads)"},
+     "attend(m, l, acc, q, B, H, R, D, dtype, chunks, C, scratch, splits, threads)"},
     {NULL, NULL, 0, NULL},
 };
 
