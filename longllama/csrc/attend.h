@@ -18,28 +18,22 @@ skipped. */
 
 #define AHEAD 32 /* entries ahead that the scan asks the caches for */
 
-/* Fold the scores x[0..n) (n <= 16; -inf: skipped) of entries whose values are v[t * D ..] into one row's state. */
-static inline void fold(float *m, float *l, float *acc, const float *x, int n, const float *v, int64_t D) {
-    float best = -INFINITY, p[16];
+/* One row's softmax step over a block of 16 scores x (-inf: skipped; entries n.. are -inf): rescale the state if
+   the maximum grew, set p[t] = exp(x[t] - m) and add their sum to l. Returns 0 when nothing in x is valid. */
+static inline int softmax_step(float *m, float *l, float *acc, const float *x, int n, int64_t D, float *p) {
+    float best = -INFINITY, sum = 0;
     for (int t = 0; t < n; t++) best = x[t] > best ? x[t] : best;
-    if (best == -INFINITY) return;
+    if (best == -INFINITY) return 0;
     if (best > *m) { /* a new maximum: rescale what was summed so far (by 0 the first time, m = -inf) */
         float scale = expf(*m - best);
         *l *= scale;
         for (int64_t d = 0; d < D; d++) acc[d] *= scale;
         *m = best;
     }
-    /* the block's terms are summed on their own, then added: rounding errors grow with blocks, not entries */
-    float sum = 0, part[D];
-    for (int t = 0; t < n; t++) sum += p[t] = expf(x[t] - *m);
-    for (int64_t d = 0; d < D; d++) part[d] = 0;
-    for (int t = 0; t < n; t++) {
-        if (p[t] == 0) continue;
-        const float *vt = v + t * D;
-        for (int64_t d = 0; d < D; d++) part[d] += p[t] * vt[d];
-    }
-    *l += sum;
-    for (int64_t d = 0; d < D; d++) acc[d] += part[d];
+    exp16(x, *m, p);
+    for (int t = 0; t < n; t++) sum += p[t];
+    *l += sum; /* a block's terms are summed on their own, then added: rounding grows with blocks, not entries */
+    return 1;
 }
 
 /* Fold two states of one row: (m, l, acc) += (m2, l2, acc2). */
@@ -57,11 +51,12 @@ static inline int any_valid(const uint8_t *valid, int n) {
     return 0;
 }
 
-/* Entries [lo, hi) of one set for its R queries q [R, D]: keys and values start at element key_at / value_at. */
+/* Entries [lo, hi) of one set for its R queries q [R, D]: keys and values start at element key_at / value_at. Full
+   blocks of 16 entries with D a multiple of 8 are read as stored by the SIMD build; other blocks are widened first. */
 static void attend_range(float *m, float *l, float *acc, const float *q, int64_t R, int64_t D, const void *keys,
                          const void *values, int dtype, int64_t key_at, int64_t value_at, int64_t lo, int64_t hi,
                          const uint8_t *valid) {
-    float kbuf[16 * D], vbuf[16 * D], x[R * 16];
+    float kbuf[16 * D], vbuf[16 * D], x[R * 16], p[16], part[D];
     for (int64_t c = lo; c < hi; c += 16) {
         int n = hi - c < 16 ? (int)(hi - c) : 16;
         if (valid && !any_valid(valid + c, n)) continue;
@@ -69,20 +64,41 @@ static void attend_range(float *m, float *l, float *acc, const float *q, int64_t
             prefetch(keys, dtype, key_at + (c + AHEAD) * D, 16 * D);
             prefetch(values, dtype, value_at + (c + AHEAD) * D, 16 * D);
         }
-        const float *k = as_floats(keys, dtype, key_at + c * D, n * D, kbuf);
-        for (int64_t r = 0; r < R; r++) {
+        const int full = n == 16 && D % 8 == 0, in_place = SIMD && full;
+        const float *k = in_place ? NULL : as_floats(keys, dtype, key_at + c * D, n * D, kbuf), *v = NULL;
+        for (int64_t r = 0; r < R; r++) { /* scores x[r, t] */
             float *xr = x + r * 16;
-            if (n == 16 && D % 8 == 0) {
+#if SIMD
+            if (in_place) {
+                dot8_stored(q + r * D, keys, dtype, key_at + c * D, D, xr);
+                dot8_stored(q + r * D, keys, dtype, key_at + (c + 8) * D, D, xr + 8);
+            } else
+#endif
+            if (full) {
                 dot8(q + r * D, k, D, xr);
                 dot8(q + r * D, k + 8 * D, D, xr + 8);
             } else {
-                for (int t = 0; t < n; t++) xr[t] = dot(q + r * D, k + t * D, D);
+                for (int t = 0; t < 16; t++) xr[t] = t < n ? dot(q + r * D, k + t * D, D) : -INFINITY;
             }
             if (valid)
                 for (int t = 0; t < n; t++) xr[t] = valid[c + t] ? xr[t] : -INFINITY;
         }
-        const float *v = as_floats(values, dtype, value_at + c * D, n * D, vbuf);
-        for (int64_t r = 0; r < R; r++) fold(m + r, l + r, acc + r * D, x + r * 16, n, v, D);
+        for (int64_t r = 0; r < R; r++) { /* the running softmax and the weighted sum of values */
+            float *accr = acc + r * D;
+            if (!softmax_step(m + r, l + r, accr, x + r * 16, n, D, p)) continue;
+            memset(part, 0, sizeof(float) * D);
+#if SIMD
+            if (in_place)
+                weighted_sum_stored(part, p, n, values, dtype, value_at + c * D, D);
+            else
+#endif
+            {
+                if (!v) v = as_floats(values, dtype, value_at + c * D, n * D, vbuf);
+                for (int t = 0; t < n; t++)
+                    for (int64_t d = 0; d < D; d++) part[d] += p[t] * v[t * D + d];
+            }
+            for (int64_t d = 0; d < D; d++) accr[d] += part[d];
+        }
     }
 }
 

@@ -43,6 +43,34 @@ static inline void dot8(const float *q, const float *key, int64_t D, float *out)
     __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
 }
+/* 8 stored elements from element i of `data` as floats (bf16 -> float32 is exact: the high half of the float). */
+static inline __m256 load8(const void *data, int dtype, int64_t i) {
+    if (dtype == DTYPE_F32) return _mm256_loadu_ps((const float *)data + i);
+    __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)data + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+}
+/* dot8 on stored keys: the 8 keys from element `at` of `keys` (dtype), read without a float copy. */
+static inline void dot8_stored(const float *q, const void *keys, int dtype, int64_t at, int64_t D, float *out) {
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 x = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(x, load8(keys, dtype, at + i * D + d), a[i]);
+    }
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+}
+/* part[0..D) += sum over t < n of p[t] * (value t from element `at` of `values`), D a multiple of 8. */
+static inline void weighted_sum_stored(float *part, const float *p, int n, const void *values, int dtype, int64_t at,
+                                       int64_t D) {
+    for (int64_t d = 0; d < D; d += 8) {
+        __m256 a = _mm256_loadu_ps(part + d);
+        for (int t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(values, dtype, at + t * D + d), a);
+        _mm256_storeu_ps(part + d, a);
+    }
+}
 /* bf16 -> float32 is exact: the 16 bits are the high half of the float. */
 static inline void widen_bf16(const uint16_t *src, int64_t count, float *dst) {
     int64_t i = 0;
@@ -55,8 +83,33 @@ static inline void widen_bf16(const uint16_t *src, int64_t count, float *dst) {
         memcpy(dst + i, &u, 4);
     }
 }
+/* exp(x[t] - shift) for t < 16, to about 1 ulp (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-7
+   polynomial for exp(r), times 2^n), and exactly 0 where x[t] is -inf. */
+static inline void exp16(const float *x, float shift, float *out) {
+    const __m256 log2e = _mm256_set1_ps(1.44269504088896341f), c1 = _mm256_set1_ps(0.693359375f),
+                 c2 = _mm256_set1_ps(-2.12194440e-4f), lowest = _mm256_set1_ps(-87.3f), s = _mm256_set1_ps(shift),
+                 minus_inf = _mm256_set1_ps(-INFINITY), one = _mm256_set1_ps(1.0f);
+    for (int i = 0; i < 16; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i), keep = _mm256_cmp_ps(v, minus_inf, _CMP_NEQ_OQ);
+        __m256 a = _mm256_max_ps(_mm256_sub_ps(v, s), lowest); /* below: the result is 0 in float32 anyway */
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(a, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fnmadd_ps(n, c2, _mm256_fnmadd_ps(n, c1, a));
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), one);
+        __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        _mm256_storeu_ps(out + i, _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(scale)), keep));
+    }
+}
 #else
 #define SIMD 0
+static inline void exp16(const float *x, float shift, float *out) {
+    for (int t = 0; t < 16; t++) out[t] = expf(x[t] - shift);
+}
 static inline unsigned above(const float *x, float floor) {
     unsigned mask = 0;
     for (int t = 0; t < 16; t++) mask |= (unsigned)(x[t] > floor) << t;
