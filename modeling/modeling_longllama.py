@@ -582,7 +582,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
                 None if x is None else tuple(y.repeat_interleave(repeats, dim=0) for y in x)
                 for x in (all_hidden_states, attentions)
             )
-        logits = self.lm_head(hidden_states)
+        logits = self._head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -591,6 +591,23 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             attentions=attentions,
         )
         return output if self.model._return_dict(return_dict) else output.to_tuple()
+
+    def _head(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`lm_head(hidden_states)`. diff vs Llama: for the one row of a decode step on the CPU, where torch's
+        matrix-vector product runs on one thread, the head is cut into one slice per thread and applied as a batched
+        product (the same dot products): the head is the largest weight a decode step reads."""
+        head, threads = self.lm_head, torch.get_num_threads()
+        weight = head.weight
+        if (
+            hidden_states.shape[:-1].numel() != 1 or weight.device.type != "cpu" or threads < 2
+            or weight.shape[0] % threads or type(head) is not nn.Linear or head.bias is not None
+            or head._forward_hooks or head._forward_pre_hooks or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+        ):
+            return head(hidden_states)
+        rows = hidden_states.reshape(1, 1, -1).expand(threads, 1, -1).to(weight.dtype)
+        logits = torch.bmm(rows, weight.view(threads, -1, weight.shape[1]).transpose(1, 2))  # [threads, 1, V / threads]
+        return logits.reshape(*hidden_states.shape[:-1], -1)
 
     def _shared_prefill_repeats(self, input_ids, inputs_embeds, attention_mask, position_ids, cache) -> int:
         """How many identical copies of each prompt `generate()` passed (beams, return sequences), or 1.

@@ -189,3 +189,21 @@ def test_decoding_with_the_kernel_matches_the_checkpoint_kernel(mem_dtype, toler
     assert torch.equal(results["kernel"].sequences, results["reference"].sequences)
     for a, b in zip(results["kernel"].scores, results["reference"].scores):
         assert max_err(a, b) < tolerance
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_decode_step_head_on_several_threads(threads):
+    """The logits of a one-row step go through the head cut into one slice per thread (torch's CPU matrix-vector
+    product uses one): the same logits as the head itself, and the head itself wherever the cut does not apply."""
+    model = tiny_model(vocab_size=100)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for hidden in (torch.randn(1, 1, 32), torch.randn(2, 1, 32), torch.randn(1, 3, 32)):
+                assert max_err(model._head(hidden), model.lm_head(hidden)) < 1e-6
+            one_row = torch.randn(1, 1, 32)
+            model.lm_head.register_forward_hook(lambda module, args, out: out * 0)
+            assert torch.equal(model._head(one_row), torch.zeros(1, 1, 100))  # a hooked head is called as a module
+    finally:
+        torch.set_num_threads(previous)
