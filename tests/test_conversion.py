@@ -24,8 +24,8 @@ from longllama.conversion.convert import (
     convert,
     default_mem_layers,
     expected_shapes,
-    main,
 )
+from longllama.conversion.cli import main
 
 from conftest import CODE_FILES
 
