@@ -6,6 +6,7 @@ load, so `--help` and argument errors answer at once (`longllama/__init__.py` de
 """
 
 import argparse
+import sys
 
 THREADS_HELP = (
     "torch CPU threads (default: OMP_NUM_THREADS when set, else torch's default of one per core); fewer threads than "
@@ -29,16 +30,20 @@ def add_threads_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def start(threads: int | None = None) -> None:
-    """Run once the arguments are parsed: register LongLLaMA with transformers (`longllama.register`) and, when
-    `threads` is given, set torch's intra-op CPU threads (otherwise torch keeps its default, which honours
-    OMP_NUM_THREADS)."""
+    """Run once the arguments are parsed: register LongLLaMA with transformers (`longllama.register`); when `threads`
+    is given, set torch's intra-op CPU threads (otherwise torch keeps its default, which honours OMP_NUM_THREADS); and
+    when stderr is not a terminal, turn off transformers' progress bars (its weight loading's, the model's window bar
+    and the scripts' own), which would fill a log file with lines of carriage returns."""
     import torch
+    from transformers.utils import logging
 
     from . import register
 
     register()
     if threads is not None:
         torch.set_num_threads(threads)
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()
 
 
 __all__ = ["THREADS_HELP", "add_threads_flag", "positive_int", "start"]
