@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from transformers.utils import logging
 
 import longllama.modeling
 from longllama.files import atomic_directory
@@ -236,6 +236,16 @@ def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, 
         fields["mem_layers"] = sorted(mem_layers)
     overrides = dict(last_context_length=last_context_length, mem_dtype=mem_dtype, max_position_embeddings=window)
     fields.update({name: value for name, value in overrides.items() if value is not None})
+    # The final window should fit in the window: a llama source with a short window gets a shorter default, and
+    # options may not set more. A longllama source may keep its own (the published code allows more, see
+    # docs/compatibility.md).
+    W = fields.setdefault("max_position_embeddings", LongLlamaConfig.max_position_embeddings)
+    L = fields.setdefault("last_context_length", min(LongLlamaConfig.last_context_length, W))
+    if L > W and (last_context_length is not None or window is not None):
+        raise ConversionError(
+            f"last_context_length {L} is longer than the window (max_position_embeddings = {W}): give "
+            f"--last-context-length of at most {W}."
+        )
     if dtype != "keep":
         fields.pop("torch_dtype", None)
         fields["dtype"] = dtype
@@ -350,7 +360,8 @@ def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
     shard_of = {t.name: i for i, group in enumerate(groups) for t in group}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     weight_map = {}
-    with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+    # a bar on a terminal only (`disable=None`), and none after transformers' `disable_progress_bar()`
+    with logging.tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
         for shard in plan.shards:
             for name, tensor in iter_tensors(shard, plan.format):
                 if name not in shard_of:
@@ -512,7 +523,9 @@ def convert(
         mem_layers: 0-based memory layers. Default: the source's own for a longllama source, else
             `default_mem_layers` ([6, 12, 18] for OpenLLaMA 3B, [8, 16, 24] for 7B, otherwise
             floor(n * k / 4) for k = 1, 2, 3 with n layers).
-        last_context_length, mem_dtype: LongLLaMA fields; default: the source's, else the LongLlamaConfig defaults.
+        last_context_length: tokens of the final local window, at most the window; default: a longllama source's,
+            else min(1024, window).
+        mem_dtype: default: a longllama source's, else the LongLlamaConfig default.
         window: `max_position_embeddings` (the context window); default: the source's.
         dtype: "keep" or a dtype name the weights are cast to (config `dtype` follows).
         shard_size: maximum output shard size, e.g. "2GB", "500MiB" or bytes.
