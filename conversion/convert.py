@@ -399,7 +399,8 @@ def copy_generation_and_tokenizer(src: Path, out: Path, config, longllama_tokeni
 
 
 def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> None:
-    """tokenizer_config.json for a sentencepiece tokenizer.model, keeping the source's special-token strings.
+    """tokenizer_config.json for a sentencepiece tokenizer.model, keeping the source's special-token strings (a
+    source without a pad token gets EOS as its pad token).
 
     transformers 5's own `LlamaTokenizer` converts tokenizer.model to a BPE that gives other ids than sentencepiece
     on runs of spaces and leading whitespace for OpenLLaMA's model, so LongLLaMA checkpoints name
@@ -408,6 +409,9 @@ def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> N
     source = read_json(path) if path.is_file() else {}
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config.update({k: source[k] for k in SPECIAL_TOKEN_FIELDS if k in source})
+    if config.get("pad_token") is None:
+        # `tokenizer(texts, padding=True)` must work as it comes; EOS is what generate() pads finished rows with
+        config["pad_token"] = config["eos_token"]
     config.update(
         add_bos_token=source.get("add_bos_token", True),  # BOS as the source adds it (Llama tokenizers do)
         add_eos_token=source.get("add_eos_token", False),
