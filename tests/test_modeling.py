@@ -554,3 +554,22 @@ def test_long_inputs_show_a_progress_bar_on_a_terminal_only(progress_bars, tmp_p
     assert log.read_text() == ""
     logging.disable_progress_bar()  # transformers' switch (the fixture turns it back on)
     assert on_terminal(lambda: model(long_ids)) == ""
+
+
+def test_dynamic_rope_scaling_never_takes_effect():
+    """Rotary positions restart in every window and stay below W = max_position_embeddings, and dynamic NTK scaling
+    only acts beyond it: a checkpoint that asks for it computes what the default RoPE computes, over prompt windows
+    and decoding across flushes (docs/inference.md#positions). Llama, whose positions do pass W, is changed by it."""
+    theta = tiny_model().config.rope_parameters["rope_theta"]
+    dynamic_rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": theta}
+    default, dynamic = tiny_model(), tiny_model(rope_parameters=dynamic_rope)
+    ids = random_ids(1, 5 * W + 3)
+    assert max_err(logits_of(dynamic, ids), logits_of(default, ids)) == 0.0
+    generation = dict(max_new_tokens=3 * W, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected, got = default.generate(ids, **generation), dynamic.generate(ids, **generation)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(max_err(a, b) for a, b in zip(got.scores, expected.scores)) == 0.0
+
+    llama, llama_dynamic = llama_twin(default, "eager"), llama_twin(dynamic, "eager")
+    assert max_err(logits_of(llama_dynamic, ids), logits_of(llama, ids)) > 1e-3
