@@ -4,7 +4,8 @@ Runs `longllama-passkey --demo` with each `--threads` value, first alone, then n
 spin loops, one core each, stopped afterwards), and records the wall time of the command, the seconds of its
 `generate()` calls (from its --json) and the 1-minute load average before and after each run:
 
-    python benchmarks/contention.py --lengths 16k --trials 1 --busy 0,1,2 --threads 2,1 --json docs/figures/contention.json
+    python benchmarks/contention.py --lengths 100k --trials 1 --busy 0,1,2 --threads 2,1 \
+        --json docs/figures/contention.json
 
 torch's default is one intra-op thread per core; when other processes keep the cores busy, its OpenMP threads wait
 for each other at every parallel region, and a run with fewer threads than cores can be several times faster.

@@ -59,7 +59,8 @@ def test_demo_tokenizer_pads_for_batched_generation(demo):
     together = model.generate(**batch, **generation)[:, batch["input_ids"].shape[1] :]
     for row, text in enumerate(texts):
         alone = tokenizer(text, return_tensors="pt")
-        assert together[row].tolist() == model.generate(**alone, **generation)[0, alone["input_ids"].shape[1] :].tolist()
+        expected = model.generate(**alone, **generation)[0, alone["input_ids"].shape[1] :]
+        assert together[row].tolist() == expected.tolist()
     for row, key in enumerate(keys):  # and the answers are right
         answer = prompts.answer_ids(key)
         assert together[row, : len(answer)].tolist() == answer

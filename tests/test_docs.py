@@ -95,7 +95,8 @@ def _no_attention_weights_with_knn() -> bool:
 KNOWN_GAPS = {
     "not supported yet: static / quantized caches": _static_cache_is_refused,
     "not supported: static and quantized caches": _static_cache_is_refused,
-    "a static local window (preallocated, so that one graph serves every step) is not built yet": _no_static_local_window,
+    "a static local window (preallocated, so that one graph serves every step) is not built yet":
+        _no_static_local_window,
     "not available with knn retrieval (`mem_top_k`)": _no_attention_weights_with_knn,
 }
 
@@ -127,7 +128,8 @@ def cli_invocations(text: str):
     names = "|".join(map(re.escape, [*PARSERS, *(f"-m {module}" for module in MODULES)]))
     for match in re.finditer(rf"(?<![\w.-])({names})\b([^`#|;&\n]*)", text):
         name = match.group(1)
-        yield MODULES.get(name.removeprefix("-m "), name), set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", match.group(2)))
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", match.group(2)))
+        yield MODULES.get(name.removeprefix("-m "), name), flags
 
 
 @pytest.mark.parametrize("path", DOCS + EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
@@ -141,8 +143,11 @@ def test_cli_invocations_are_found():
     """The parser of the test above sees through continuations, code spans and comments."""
     text = "x `longllama-passkey --demo` y\nlongllama-train --model m \\\n  --steps 3  # --not-this\n" \
            "accelerate launch --multi_gpu -m longllama.train --config c.yaml"
-    assert list(cli_invocations(text)) == [("longllama-passkey", {"--demo"}), ("longllama-train", {"--model", "--steps"}),
-                                          ("longllama-train", {"--config"})]
+    assert list(cli_invocations(text)) == [
+        ("longllama-passkey", {"--demo"}),
+        ("longllama-train", {"--model", "--steps"}),
+        ("longllama-train", {"--config"}),
+    ]
 
 
 def test_every_flag_mentioned_exists():
@@ -156,7 +161,8 @@ def test_every_flag_mentioned_exists():
 # Durations
 
 DURATION = re.compile(
-    r"\b(takes?|took|runs? in|lasts?|in all|in about)\s+(about\s+|~|under\s+)?\d[\d.,]*\s?(ms|s|seconds?|minutes?|min|hours?)\b",
+    r"\b(takes?|took|runs? in|lasts?|in all|in about)\s+(about\s+|~|under\s+)?\d[\d.,]*\s?"
+    r"(ms|s|seconds?|minutes?|min|hours?)\b",
     re.IGNORECASE,
 )
 COMMAND = re.compile(r"`[^`]*(python |longllama-|pytest|\.ci/|accelerate launch)[^`]*`|^```", re.MULTILINE)
