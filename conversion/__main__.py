@@ -1,8 +1,8 @@
-"""`python -m longllama.conversion SRC DST [options]`: see `longllama.conversion.convert.main`."""
+"""`python -m longllama.conversion SRC DST [options]`: see `longllama.conversion.cli`."""
 
 import sys
 
-from .convert import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

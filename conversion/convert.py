@@ -5,21 +5,22 @@ streaming copy: source shards are read one tensor at a time, checked against the
 written into new safetensors shards of at most `shard_size` bytes. Everything goes into a temporary directory next to
 DST, which is renamed to DST only when complete.
 
-    python -m longllama.conversion ./open_llama_3b ./long_open_llama_3b --mem-layers 6,12,18
+    from longllama.conversion.convert import convert
+    convert("./open_llama_3b", "./long_open_llama_3b", mem_layers=[6, 12, 18])
+
+The command line (`longllama-convert`, `python -m longllama.conversion`) is `cli.py`.
 """
 
-import argparse
 import json
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from transformers.utils import logging
 
 import longllama.modeling
 from longllama.files import atomic_directory
@@ -235,6 +236,16 @@ def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, 
         fields["mem_layers"] = sorted(mem_layers)
     overrides = dict(last_context_length=last_context_length, mem_dtype=mem_dtype, max_position_embeddings=window)
     fields.update({name: value for name, value in overrides.items() if value is not None})
+    # The final window should fit in the window: a llama source with a short window gets a shorter default, and
+    # options may not set more. A longllama source may keep its own (the published code allows more, see
+    # docs/compatibility.md).
+    W = fields.setdefault("max_position_embeddings", LongLlamaConfig.max_position_embeddings)
+    L = fields.setdefault("last_context_length", min(LongLlamaConfig.last_context_length, W))
+    if L > W and (last_context_length is not None or window is not None):
+        raise ConversionError(
+            f"last_context_length {L} is longer than the window (max_position_embeddings = {W}): give "
+            f"--last-context-length of at most {W}."
+        )
     if dtype != "keep":
         fields.pop("torch_dtype", None)
         fields["dtype"] = dtype
@@ -349,7 +360,8 @@ def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
     shard_of = {t.name: i for i, group in enumerate(groups) for t in group}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     weight_map = {}
-    with tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+    # a bar on a terminal only (`disable=None`), and none after transformers' `disable_progress_bar()`
+    with logging.tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
         for shard in plan.shards:
             for name, tensor in iter_tensors(shard, plan.format):
                 if name not in shard_of:
@@ -387,7 +399,8 @@ def copy_generation_and_tokenizer(src: Path, out: Path, config, longllama_tokeni
 
 
 def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> None:
-    """tokenizer_config.json for a sentencepiece tokenizer.model, keeping the source's special-token strings.
+    """tokenizer_config.json for a sentencepiece tokenizer.model, keeping the source's special-token strings (a
+    source without a pad token gets EOS as its pad token).
 
     transformers 5's own `LlamaTokenizer` converts tokenizer.model to a BPE that gives other ids than sentencepiece
     on runs of spaces and leading whitespace for OpenLLaMA's model, so LongLLaMA checkpoints name
@@ -396,6 +409,9 @@ def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> N
     source = read_json(path) if path.is_file() else {}
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config.update({k: source[k] for k in SPECIAL_TOKEN_FIELDS if k in source})
+    if config.get("pad_token") is None:
+        # `tokenizer(texts, padding=True)` must work as it comes; EOS is what generate() pads finished rows with
+        config["pad_token"] = config["eos_token"]
     config.update(
         add_bos_token=source.get("add_bos_token", True),  # BOS as the source adds it (Llama tokenizers do)
         add_eos_token=source.get("add_eos_token", False),
@@ -511,7 +527,9 @@ def convert(
         mem_layers: 0-based memory layers. Default: the source's own for a longllama source, else
             `default_mem_layers` ([6, 12, 18] for OpenLLaMA 3B, [8, 16, 24] for 7B, otherwise
             floor(n * k / 4) for k = 1, 2, 3 with n layers).
-        last_context_length, mem_dtype: LongLLaMA fields; default: the source's, else the LongLlamaConfig defaults.
+        last_context_length: tokens of the final local window, at most the window; default: a longllama source's,
+            else min(1024, window).
+        mem_dtype: default: a longllama source's, else the LongLlamaConfig default.
         window: `max_position_embeddings` (the context window); default: the source's.
         dtype: "keep" or a dtype name the weights are cast to (config `dtype` follows).
         shard_size: maximum output shard size, e.g. "2GB", "500MiB" or bytes.
@@ -546,88 +564,4 @@ def convert(
     return write_atomically(dst, force, fill)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def parse_layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer indices such as 6,12,18")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    invoked_as = Path(sys.argv[0]).name
-    parser = argparse.ArgumentParser(
-        prog="python -m longllama.conversion" if invoked_as == "__main__.py" else invoked_as,
-        description=(
-            "Turn a local Hugging Face Llama checkpoint directory (e.g. OpenLLaMA 3B/7B) into a LongLLaMA checkpoint "
-            "that loads with AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True). Weights are copied "
-            "shard by shard (memory layers add no parameters); DST appears only when the conversion is complete."
-        ),
-        epilog=(
-            "Example: python -m longllama.conversion ./open_llama_3b ./long_open_llama_3b --mem-layers 6,12,18. "
-            "Default memory layers: [6,12,18] for 26 layers of hidden 3200 (OpenLLaMA 3B), [8,16,24] for 32 layers "
-            "of hidden 4096 (7B), otherwise floor(n*k/4) for k=1,2,3 with n layers; a longllama source keeps its own."
-        ),
-    )
-    parser.add_argument("src", type=Path, help="source checkpoint directory (config.json + weights)")
-    parser.add_argument("dst", type=Path, help="output directory (must not exist unless --force)")
-    parser.add_argument("--mem-layers", type=parse_layers, help="0-based memory layers, comma-separated: 6,12,18")
-    parser.add_argument("--last-context-length", type=int, help="tokens of the final local window (default 1024)")
-    parser.add_argument("--mem-dtype", choices=MEM_DTYPES, help="dtype of stored memory keys/values (default bfloat16)")
-    parser.add_argument("--window", type=int, help="context window = max_position_embeddings (default: source's)")
-    parser.add_argument("--dtype", choices=DTYPES, default="keep", help="cast the weights (default: keep)")
-    parser.add_argument("--shard-size", default="2GB", help="maximum output shard size, e.g. 2GB, 500MB (default 2GB)")
-    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and the config.json; write nothing")
-    parser.add_argument(
-        "--verify",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="after writing, load SRC and DST in float32 and compare their logits on min(32, last_context_length) "
-        "random tokens; fail if the max abs difference exceeds 1e-4 (default: on when 2 x the fp32 model size is "
-        "under 50%% of available memory and --dtype does not cast to bfloat16/float16)",
-    )
-    parser.add_argument(
-        "--to-llama",
-        action="store_true",
-        help="reverse direction: SRC is a LongLLaMA checkpoint and DST becomes a plain Llama checkpoint "
-        "(LlamaForCausalLM, no code files); --mem-layers, --last-context-length, --mem-dtype and --window do not apply",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .to_llama import to_llama  # these modules import this one
-    from .verify import should_verify_by_default, verify
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst", "verify", "to_llama")}
-    if args.to_llama:
-        memory_options = ("mem_layers", "last_context_length", "mem_dtype", "window")
-        bad = [f"--{name.replace('_', '-')}" for name in memory_options if options[name] is not None]
-        if bad:
-            parser.error(f"{', '.join(bad)} cannot be used with --to-llama")
-    try:
-        if args.to_llama:
-            dst = to_llama(
-                args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size, force=args.force, dry_run=args.dry_run
-            )
-        else:
-            dst = convert(args.src, args.dst, **options)
-        if not args.dry_run:
-            print(f"wrote {dst}")
-            check = args.verify if args.verify is not None else should_verify_by_default(args.src, args.dtype)
-            if check:
-                print(f"verified: max abs logit difference {verify(args.src, dst):.3g}")
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["ConversionError", "PRESETS", "WEIGHT_MAP", "convert", "default_mem_layers", "main"]
+__all__ = ["ConversionError", "PRESETS", "WEIGHT_MAP", "convert", "default_mem_layers"]

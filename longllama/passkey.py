@@ -22,12 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
-
-from .data import load_tokenizer
+from .cli import add_threads_flag, start
 from .files import atomic_write_text
+
+# torch, transformers and the model code are imported inside the functions that run a model, so that the
+# `longllama-passkey` command parses its arguments (and answers `--help`) before loading them.
 
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -291,6 +290,8 @@ def answer_prompt(model, tokenizer, input_ids: list[int], answer: list[int], ext
                   last_context_length: int | None = None) -> dict:
     """Greedy `generate()` on one prompt, scored against the key's tokens `answer`: `predicted`, `correct`,
     `seconds`, `tokens_per_s`, `answer_ids`, `generated_ids` (see `run_passkey`)."""
+    import torch
+
     ids = torch.tensor([input_ids], device=getattr(model, "device", "cpu"))
     kwargs = {} if last_context_length is None else {"last_context_length": last_context_length}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -320,14 +321,17 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, trials: int = 
     (the generate call), `tokens_per_s` (prompt tokens / seconds), `answer_ids`, `generated_ids`. `on_result(result)`
     is called after each trial, so a caller keeps the finished ones when a KeyboardInterrupt stops the run.
     """
+    from transformers.utils import logging  # its bars honour transformers' `disable_progress_bar()`
+
     prompts = PasskeyPrompts(tokenizer)
     plan = plan_trials(lengths, depths, trials, seed)
     check_trials(prompts, plan)
     if hasattr(model, "eval"):
         model.eval()
     results = []
-    # the model shows its own bar over the windows of a long prompt (transformers' progress-bar setting)
-    with tqdm(plan, desc="passkey", unit="trial", disable=not progress) as bar:
+    # a bar on a terminal only (`disable=None`: none when stderr is a file or pipe); the model shows its own bar over
+    # the windows of a long prompt
+    with logging.tqdm(plan, desc="passkey", unit="trial", disable=None if progress else True) as bar:
         for trial in bar:
             result = run_trial(model, tokenizer, prompts, trial, extra_new_tokens, last_context_length)
             results.append(result)
@@ -474,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                         help="model dtype; auto: the checkpoint's (default: float32)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_flag(parser)
     parser.add_argument("--last-context-length", type=int,
                         help="tokens of the final local window (default: the model config's last_context_length)")
     parser.add_argument("--json", metavar="PATH", help="write every trial's result here (after each trial)")
@@ -509,8 +513,6 @@ def check_args(args) -> None:
         raise ValueError(f"--trials {args.trials}: run at least one trial per length.")
     if args.last_context_length is not None and args.last_context_length < 1:
         raise ValueError(f"--last-context-length {args.last_context_length} must be a positive number of tokens.")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be at least 1.")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -519,22 +521,27 @@ def check_args(args) -> None:
 
 
 def prepare(args) -> tuple[Path, object, str | None]:
-    """Every check, before the model loads: (checkpoint directory, tokenizer, the checkpoint's model_type)."""
+    """Every check, before the model loads: (checkpoint directory, tokenizer, the checkpoint's model_type). The
+    checks that need no tokenizer come before torch and transformers load."""
     check_args(args)
     model_path = resolve_model(args)
     model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
     if args.last_context_length is not None and model_type != "longllama":
         raise ValueError(f"--last-context-length is a LongLLaMA option; {model_path} holds a {model_type} model.")
+    start(args.threads)
+    from .data import load_tokenizer
+
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_path)
     check_trials(PasskeyPrompts(tokenizer), plan_trials(args.lengths, args.depths, args.trials, args.seed))
-    if args.threads:
-        torch.set_num_threads(args.threads)
     return model_path, tokenizer, model_type
 
 
 def load_model(path: Path, args):
-    """The checkpoint as `AutoModelForCausalLM` (`import longllama` registered the LongLLaMA classes), so a plain
+    """The checkpoint as `AutoModelForCausalLM` (`longllama.register()` registered the LongLLaMA classes), so a plain
     Llama checkpoint runs as a baseline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,14 +25,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-from .data import (
-    IGNORE_INDEX, DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream, encode_document, load_tokenizer,
-)
-from .evaluation import positive_attention_mass
+from .cli import THREADS_HELP, start
 from .files import replace_directory
+
+# torch, accelerate, the data pipeline and the model code are imported inside the functions that use them, so that the
+# command parses its arguments (and answers `--help`) before loading them.
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -78,6 +75,7 @@ class TrainConfig:
     eval_documents: int = 8
     eval_distractors: int = 3
     resume: str | None = None  # "auto" (latest checkpoint in output_dir) or a checkpoint directory
+    threads: int | None = None  # torch CPU threads per process (default: OMP_NUM_THREADS, else one per core)
     evaluate: str | None = None  # only evaluate the positive attention mass of this checkpoint, then exit
 
 
@@ -125,17 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML or JSON file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
         kind, flag = _field_type(f), "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = _HELP.get(f.name, "")
+        help_text = _help_with_default(f)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="+", default=None, help=f"{help_text} (default: {default or 'none'})")
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None,
-                                help=f"{help_text} (default: {'none' if default is None else default})")
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
     return parser
+
+
+def _help_with_default(f: dataclasses.Field) -> str:
+    """The flag's help, ending with its default unless the help already says what the default is."""
+    help_text = _HELP.get(f.name, "")
+    if "(default" in help_text:
+        return help_text
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if default is None or default == []:
+        default = "none"
+    return f"{help_text} (default: {default})"
 
 
 _HELP = {
@@ -174,6 +180,7 @@ _HELP = {
     "eval_distractors": "unrelated windows in memory during the evaluation",
     "resume": "'auto' (latest checkpoint in output_dir) or a checkpoint directory",
     "evaluate": "only print the positive attention mass of this checkpoint on --data, then exit",
+    "threads": THREADS_HELP,
 }
 
 
@@ -223,6 +230,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "pack_size", "grad_accum", "log_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {cfg.threads}.")
     cross_batch_schedule(cfg)
 
 
@@ -336,6 +345,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_se
 
 
 def make_batches(cfg: TrainConfig, tokenizer, window: int, rank: int, world_size: int, pad_token_id: int):
+    from .data import DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream
+
     stream = TokenStream(DocumentSource(files=cfg.data, text_field=cfg.text_field), tokenizer, rank, world_size)
     if cfg.mode == "memory":
         return MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank, pad_token_id)
@@ -349,6 +360,8 @@ def make_batches(cfg: TrainConfig, tokenizer, window: int, rank: int, world_size
 
 def eval_documents(cfg: TrainConfig, tokenizer, window: int) -> list[list[int]]:
     """Documents of at least two windows for the positive-attention-mass evaluation."""
+    from .data import DocumentSource, encode_document
+
     source = DocumentSource(files=cfg.eval_data or cfg.data, text_field=cfg.text_field)
     documents = []
     for text in source:
@@ -375,22 +388,31 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def _has_accelerator() -> bool:
+    import torch
+
     if hasattr(torch, "accelerator"):
         return torch.accelerator.is_available()
     return torch.cuda.is_available()
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_token_loss(logits: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
     """Mean cross-entropy over the tokens that have a target (`targets` are already shifted; -100: none)."""
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX
+
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the directory of the final drop-in checkpoint."""
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from transformers.utils import logging  # its bars honour transformers' `disable_progress_bar()`
 
+    from .data import load_tokenizer
+    from .evaluation import positive_attention_mass
     from .modeling import LongLlamaForCausalLM
 
     # ---- checks, before anything heavy
@@ -445,7 +467,9 @@ def train(cfg: TrainConfig) -> Path:
 
     # ---- loop
     schedule = cross_batch_schedule(cfg)  # [] in memory mode (check_config refuses a schedule there)
-    progress = tqdm(total=cfg.steps, initial=step, desc="longllama-train", disable=not accelerator.is_main_process)
+    # a bar on the main process's terminal only (`disable=None`: none when stderr is a file or pipe)
+    progress = logging.tqdm(total=cfg.steps, initial=step, desc="longllama-train",
+                            disable=None if accelerator.is_main_process else True)
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
     try:
         while step < cfg.steps:
@@ -518,6 +542,10 @@ def train(cfg: TrainConfig) -> Path:
 
 def evaluate(cfg: TrainConfig) -> dict:
     """`--evaluate CHECKPOINT`: the positive attention mass on `--data` with `--eval-distractors` in memory."""
+    import torch
+
+    from .data import load_tokenizer
+    from .evaluation import positive_attention_mass
     from .modeling import LongLlamaForCausalLM
 
     check_config(cfg)
@@ -531,6 +559,8 @@ def evaluate(cfg: TrainConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
+        check_config(cfg)  # argument errors before torch and transformers load
+        start(cfg.threads)
         if cfg.evaluate:
             result = evaluate(cfg)
             print(json.dumps({"distractors": cfg.eval_distractors, **result}))

@@ -48,8 +48,11 @@ from .windows_longllama import (
 from .knn_longllama import make_index  # noqa: F401
 from .memory_longllama import LayerMemory  # noqa: F401
 
-# Inputs of at least this many windows show a progress bar (transformers' bar: `disable_progress_bar()` hides it).
+# Inputs of at least this many windows get a progress bar (a decode step never builds one: torch.compile traces it),
+# drawn only when stderr is a terminal and once the call has run PROGRESS_DELAY seconds, so that logs stay clean and
+# short calls of any model size stay quiet; `show_progress=False` or transformers' `disable_progress_bar()` hide it.
 PROGRESS_WINDOWS = 16
+PROGRESS_DELAY = 2.0
 # FoT crossbatch training (`cross_batch_rows`, docs/training.md) is the package's: `import longllama` plugs in
 # `longllama.crossbatch`, which checks the rows (`check_rows`) and builds the other rows' memory (`memory`).
 CROSS_BATCH = None
@@ -262,6 +265,7 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         cross_batch_rows: torch.LongTensor | None = None,
         mem_top_k: int | None = None,
         return_dict: bool | None = None,
+        show_progress: bool = True,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         r"""
@@ -276,6 +280,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         mem_top_k (`int`, *optional*):
             Memory keys each memory-layer query attends to, chosen by inner product (default: `config.mem_top_k`;
             `None` there means all of memory). Crossbatch training always attends densely.
+        show_progress (`bool`, defaults to `True`):
+            `False` hides the progress bar of long inputs (see `PROGRESS_WINDOWS`); also accepted by `generate()`.
         """
         # inputs
         if (input_ids is None) == (inputs_embeds is None):
@@ -315,8 +321,10 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         # windows (a progress bar for long inputs; an interrupted call marks the session unusable, not half-valid)
         kept, layer_states = [], []
         recorder = AttentionRecorder(self, num_tokens, session.seen_tokens) if output_attentions else None
-        quiet = len(plan) < PROGRESS_WINDOWS or self.training
-        progress = plan if quiet else logging.tqdm(plan, desc="LongLLaMA windows", unit="window")
+        quiet = len(plan) < PROGRESS_WINDOWS or self.training or not show_progress
+        progress = plan if quiet else logging.tqdm(
+            plan, desc="LongLLaMA windows", unit="window", disable=None, delay=PROGRESS_DELAY
+        )
         try:
             for w in progress:
                 # embedded window by window: a 100k-token prompt never holds all its embeddings at once
@@ -536,6 +544,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         cross_batch_rows: torch.LongTensor | None = None,
         mem_top_k: int | None = None,
         return_dict: bool | None = None,
+        show_progress: bool = True,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         r"""
@@ -546,6 +555,8 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             FoT crossbatch training: see `LongLlamaModel.forward`.
         mem_top_k (`int`, *optional*):
             kNN retrieval from memory (default: `config.mem_top_k`); also accepted by `generate()`.
+        show_progress (`bool`, defaults to `True`):
+            `False` hides the progress bar of long inputs (`LongLlamaModel.forward`); also accepted by `generate()`.
         """
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0.")
@@ -570,6 +581,7 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             cross_batch_rows=cross_batch_rows,
             mem_top_k=mem_top_k,
             return_dict=True,
+            show_progress=show_progress,
             **kwargs,
         )
         hidden_states, session = outputs[0], getattr(outputs, CACHE_NAME)

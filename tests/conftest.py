@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random LongLLaMA models (no downloads; everything is built in-process)."""
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from transformers import LlamaConfig
+from transformers.utils import logging
 
 import longllama.modeling
 from longllama import LongLlamaConfig, LongLlamaForCausalLM
@@ -117,6 +119,27 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as a user's console does."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def progress_bars(monkeypatch):
+    """transformers' progress bars on (a CLI run in-process turns them off when stderr is not a terminal) and the
+    model's window bar drawn at once instead of after `PROGRESS_DELAY` seconds; both restored afterwards."""
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.enable_progress_bar()
+    monkeypatch.setattr(longllama.modeling.modeling_longllama, "PROGRESS_DELAY", 0)
+    yield
+    if was_enabled:
+        logging.enable_progress_bar()
+    else:
+        logging.disable_progress_bar()
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from longllama.conversion.convert import (
     convert,
     default_mem_layers,
     expected_shapes,
-    main,
 )
+from longllama.conversion.cli import main
 
 from conftest import CODE_FILES
 
@@ -93,7 +93,7 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
-OPTIONS = dict(mem_layers=[1, 3], last_context_length=8, mem_dtype="float32", window=4)
+OPTIONS = dict(mem_layers=[1, 3], last_context_length=8, mem_dtype="float32", window=12)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_convert_is_a_drop_in_longllama_checkpoint(tmp_path, layout, kv_heads):
     assert config["model_type"] == "longllama" and config["architectures"] == ["LongLlamaForCausalLM"]
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_longllama.LongLlamaForCausalLM"
     assert config["mem_layers"] == [1, 3] and config["last_context_length"] == 8
-    assert config["mem_dtype"] == "float32" and config["max_position_embeddings"] == 4
+    assert config["mem_dtype"] == "float32" and config["max_position_embeddings"] == 12
     assert config["num_key_value_heads"] == kv_heads
     for name in CODE_FILES + ["README.md", "generation_config.json", "tokenizer_config.json"]:
         assert (dst / name).is_file(), name
@@ -203,7 +203,7 @@ def test_defaults_for_a_llama_source(llama, source, tmp_path):
     dst = convert(source, tmp_path / "dst")
     config = json.loads((dst / "config.json").read_text())
     assert config["mem_layers"] == [1, 2, 3]  # floor(4 * k / 4)
-    assert config["last_context_length"] == 1024 and config["mem_dtype"] == "bfloat16"
+    assert config["last_context_length"] == 16 and config["mem_dtype"] == "bfloat16"  # min(1024, the window)
     assert config["max_position_embeddings"] == 16
     card = (dst / "README.md").read_text()
     assert str(source) in card and "mem_layers`: (default)" in card
@@ -460,10 +460,10 @@ def test_interrupt_with_force_keeps_the_old_dst(source, tmp_path, monkeypatch):
 
 def test_main_exit_codes(source, tmp_path, capsys):
     dst = tmp_path / "dst"
-    args = [str(source), str(dst), "--mem-layers", "1,3", "--last-context-length", "8", "--window", "4"]
+    args = [str(source), str(dst), "--mem-layers", "1,3", "--last-context-length", "8", "--window", "12"]
     assert main(args + ["--dtype", "bfloat16", "--shard-size", "30KB"]) == 0
     config = json.loads((dst / "config.json").read_text())
-    assert config["mem_layers"] == [1, 3] and config["max_position_embeddings"] == 4 and config["dtype"] == "bfloat16"
+    assert config["mem_layers"] == [1, 3] and config["max_position_embeddings"] == 12 and config["dtype"] == "bfloat16"
     assert main(args) == 2
     assert "error: " in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
@@ -473,6 +473,36 @@ def test_main_exit_codes(source, tmp_path, capsys):
     assert err.startswith("error: mem_layers [9] out of range") and err.count("\n") == 1
     assert not (tmp_path / "other").exists()
     assert main([str(source), str(tmp_path / "dry"), "--dry-run"]) == 0 and not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize(("window", "expected"), [(None, 16), (8, 8), (2048, 1024)])
+def test_last_context_length_defaults_to_at_most_the_window(source, tmp_path, window, expected):
+    """min(1024, window) for a llama source: a final window longer than the window would not fit one local context."""
+    dst = convert(source, tmp_path / "dst", window=window)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["last_context_length"] == expected and config["max_position_embeddings"] == (window or 16)
+
+
+def test_last_context_length_above_the_window_is_refused(source, tmp_path, capsys):
+    for extra in (["--last-context-length", "17"], ["--last-context-length", "9", "--window", "8"]):
+        assert main([str(source), str(tmp_path / "dst"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: last_context_length") and "longer than the window" in err, err
+        assert err.count("\n") == 1
+        assert not (tmp_path / "dst").exists() and leftovers(tmp_path) == []
+    assert main([str(source), str(tmp_path / "dst"), "--last-context-length", "16", "--no-verify"]) == 0  # = window
+
+
+def test_longllama_source_keeps_its_last_context_length_unless_the_window_changes(source, tmp_path):
+    first = convert(source, tmp_path / "first", **OPTIONS)  # last_context_length 8, window 12
+    with pytest.raises(ConversionError, match="last_context_length 8 is longer than the window"):
+        convert(first, tmp_path / "second", window=6)
+    assert not (tmp_path / "second").exists()
+    # a source whose final window is longer than its window, as the published code allows (docs/compatibility.md)
+    config = json.loads((first / "config.json").read_text())
+    (first / "config.json").write_text(json.dumps({**config, "last_context_length": 16}))
+    kept = convert(first, tmp_path / "kept")
+    assert json.loads((kept / "config.json").read_text())["last_context_length"] == 16
 
 
 def test_module_help_in_a_subprocess():

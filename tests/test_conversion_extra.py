@@ -259,7 +259,7 @@ def test_interrupt_leaves_nothing(converted, tmp_path, monkeypatch):
 
 def test_cli_to_llama(converted, tmp_path, capsys):
     _, converted = converted
-    from longllama.conversion.convert import main
+    from longllama.conversion.cli import main
 
     back = tmp_path / "back"
     assert main([str(converted), str(back), "--to-llama"]) == 0

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import longllama
 from longllama import LongLlamaForCausalLM, LongLlamaTokenizer, demo_checkpoint
 from longllama.demo import write_checkpoint
-from longllama.passkey import run_passkey
+from longllama.passkey import PasskeyPrompts, run_passkey
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,29 @@ def test_demo_model_finds_the_pass_key(demo):
     results = run_passkey(model, tokenizer, [4 * window, 3000], trials=5, seed=3, progress=False)
     wrong = [(r["length"], r["key"], r["predicted"]) for r in results if not r["correct"]]
     assert len(results) == 10 and len(wrong) <= 1, wrong
+
+
+def test_demo_tokenizer_pads_for_batched_generation(demo):
+    """`tokenizer(texts, padding=True)` works as shipped (pad = EOS = the generation config's pad id), and a
+    left-padded batch generates, row by row, what each prompt generates alone, memory included, when the padding is
+    whole windows (docs/inference.md#batches: other padding cuts a row into other windows than alone)."""
+    model, tokenizer, _ = demo
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == model.generation_config.pad_token_id
+    assert tokenizer(["a", "bb b"], padding=True)["attention_mask"][0][-1] == 0  # right padding by default
+    prompts, window = PasskeyPrompts(tokenizer), model.config.max_position_embeddings
+    keys = [4242, 1234]
+    texts = [prompts.text(700, 0.5, keys[0]), prompts.text(700 - window, 0.2, keys[1])]  # the second: a window shorter
+    batch = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
+    assert (batch["attention_mask"][1] == 0).sum() == window
+    generation = dict(max_new_tokens=6, do_sample=False)
+    together = model.generate(**batch, **generation)[:, batch["input_ids"].shape[1] :]
+    for row, text in enumerate(texts):
+        alone = tokenizer(text, return_tensors="pt")
+        expected = model.generate(**alone, **generation)[0, alone["input_ids"].shape[1] :]
+        assert together[row].tolist() == expected.tolist()
+    for row, key in enumerate(keys):  # and the answers are right
+        answer = prompts.answer_ids(key)
+        assert together[row, : len(answer)].tolist() == answer
 
 
 CHILD = IMPORT_BLOCKER + textwrap.dedent(

@@ -5,12 +5,15 @@ Tiny models (conftest.tiny_model): vocab 99, hidden 32, 4 layers, 4 heads, memor
 last_context_length L=4, mem_dtype float32 unless a test says otherwise.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import left_pad, llama_config_like, max_err, tiny_model
+from conftest import Terminal, left_pad, llama_config_like, max_err, tiny_model
 from reference import RefConfig, reference_forward
 from transformers import LlamaForCausalLM
+from transformers.utils import logging
 
 from longllama import LongLlamaCache
 from longllama.modeling.attention_longllama import (
@@ -532,9 +535,41 @@ def test_interrupted_call_makes_the_session_unusable_until_reset():
     assert max_err(again, model(ids).logits) < 1e-6
 
 
-def test_long_inputs_show_a_progress_bar(capsys):
-    model = tiny_model()
-    model(torch.randint(3, 99, (1, 8 * 20)))  # 20 windows
-    assert "LongLLaMA windows" in capsys.readouterr().err
-    model(torch.randint(3, 99, (1, 8 * 3)))  # short inputs stay quiet
-    assert "LongLLaMA windows" not in capsys.readouterr().err
+def test_long_inputs_show_a_progress_bar_on_a_terminal_only(progress_bars, tmp_path):
+    model, long_ids, short_ids = tiny_model(), random_ids(1, W * 20), random_ids(1, W * 3)  # 20 and 3 windows
+
+    def on_terminal(call) -> str:
+        terminal = Terminal()
+        with contextlib.redirect_stderr(terminal):
+            call()
+        return terminal.getvalue()
+
+    assert "LongLLaMA windows" in on_terminal(lambda: model(long_ids))
+    assert on_terminal(lambda: model(short_ids)) == ""
+    assert on_terminal(lambda: model(long_ids, show_progress=False)) == ""
+    assert on_terminal(lambda: model.generate(long_ids, max_new_tokens=2, do_sample=False, show_progress=False)) == ""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as file, contextlib.redirect_stderr(file):  # stderr redirected to a file: no bar
+        model(long_ids)
+    assert log.read_text() == ""
+    logging.disable_progress_bar()  # transformers' switch (the fixture turns it back on)
+    assert on_terminal(lambda: model(long_ids)) == ""
+
+
+def test_dynamic_rope_scaling_never_takes_effect():
+    """Rotary positions restart in every window and stay below W = max_position_embeddings, and dynamic NTK scaling
+    only acts beyond it: a checkpoint that asks for it computes what the default RoPE computes, over prompt windows
+    and decoding across flushes (docs/inference.md#positions). Llama, whose positions do pass W, is changed by it."""
+    theta = tiny_model().config.rope_parameters["rope_theta"]
+    dynamic_rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": theta}
+    default, dynamic = tiny_model(), tiny_model(rope_parameters=dynamic_rope)
+    ids = random_ids(1, 5 * W + 3)
+    assert max_err(logits_of(dynamic, ids), logits_of(default, ids)) == 0.0
+    generation = dict(max_new_tokens=3 * W, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected, got = default.generate(ids, **generation), dynamic.generate(ids, **generation)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert max(max_err(a, b) for a, b in zip(got.scores, expected.scores)) == 0.0
+
+    llama, llama_dynamic = llama_twin(default, "eager"), llama_twin(dynamic, "eager")
+    assert max_err(logits_of(llama_dynamic, ids), logits_of(llama, ids)) > 1e-3

@@ -7,14 +7,19 @@ byte-level BPE (no BOS, "\\n\\n" one token). Their small vocabularies split word
 cuts inside words.
 """
 
+import contextlib
 import io
 import json
+import os
 import random
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import Terminal
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -311,6 +316,36 @@ def test_cli_interrupt_keeps_finished_trials(checkpoint, tmp_path, capsys, monke
     assert saved["complete"] is False and len(saved["results"]) == 1
     assert "Interrupted after 1 finished trial" in err
     assert re.search(r"^\s*250 \|", out, re.M), "the partial table is printed"
+
+
+LONG_RUN = ["--lengths", "600", "--trials", "2"]  # 600 tokens: 19 windows of 32 tokens and the final 16
+
+
+def test_cli_writes_no_progress_bar_to_a_file(checkpoint, tmp_path):
+    """stderr redirected to a file (a log, CI): no bar of the trials, of the model's windows or of transformers'
+    weight loading, whose carriage-return lines used to fill such logs (1,240 lines for one demo run)."""
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as stderr:
+        result = subprocess.run(
+            [shutil.which("longllama-passkey"), str(checkpoint), *LONG_RUN], stdout=subprocess.PIPE, stderr=stderr,
+            text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+        )
+    assert result.returncode == 0, log.read_text()[-3000:]
+    assert "/2 correct" in result.stdout
+    assert log.read_text() == ""
+
+
+def test_cli_progress_bars_on_a_terminal_only(checkpoint, tmp_path, progress_bars):
+    """In-process, with the model's bar drawn at once (`progress_bars`): a terminal gets the trials' and the
+    windows' bars, a file none."""
+    terminal = Terminal()
+    with contextlib.redirect_stderr(terminal), contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(checkpoint), *LONG_RUN]) == 0
+    assert "passkey: 100%" in terminal.getvalue() and "LongLLaMA windows" in terminal.getvalue()
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as file, contextlib.redirect_stderr(file), contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(checkpoint), *LONG_RUN]) == 0
+    assert log.read_text() == ""
 
 
 @pytest.fixture

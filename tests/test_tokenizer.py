@@ -303,7 +303,8 @@ def test_decoding_a_continuation_is_what_llama_does(models, tmp_path):
 
 def test_converter_ships_the_exact_tokenizer_and_to_llama_removes_it(models, tmp_path):
     """longllama-convert on a Llama checkpoint with an OpenLLaMA-like tokenizer.model: AutoTokenizer on DST gives
-    sentencepiece's ids (with BOS) on whitespace-heavy text; --to-llama goes back to transformers' LlamaTokenizer."""
+    sentencepiece's ids (with BOS) on whitespace-heavy text, and pads (with EOS when the source names no pad token);
+    --to-llama goes back to transformers' LlamaTokenizer."""
     from transformers import AutoTokenizer
 
     from longllama.conversion.convert import convert
@@ -323,6 +324,12 @@ def test_converter_ships_the_exact_tokenizer_and_to_llama_removes_it(models, tmp
     sp = spm.SentencePieceProcessor(model_file=str(src / "tokenizer.model"))
     for text in TEXTS:
         assert tokenizer(text).input_ids == [1] + sp.encode(text), repr(text)
+
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))  # no pad token
+    padded = convert(src, tmp_path / "padded", **OPTIONS)
+    assert json.loads((padded / "tokenizer_config.json").read_text())["pad_token"] == "</s>"
+    batch = AutoTokenizer.from_pretrained(padded, trust_remote_code=True)(["a", "bb b"], padding=True)
+    assert len(set(map(len, batch.input_ids))) == 1 and 0 in batch.attention_mask[0]
 
     back = to_llama(dst, tmp_path / "back")
     config = json.loads((back / "tokenizer_config.json").read_text())
