@@ -439,8 +439,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
         else:
             session = cache
-            if session.model_ref is None:  # a cache made by the user: `save` fingerprints the model that fills it
-                session.model_ref = weakref.ref(self)
             if session.interrupted:
                 raise ValueError(
                     "An earlier call on this LongLlamaCache was interrupted, so its session is incomplete: call "
@@ -452,6 +450,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     f"{session.fingerprint} than this one {cache_fingerprint(self.config)} "
                     "(layers, mem_layers, kv heads, head_dim, window, mem_dtype): start a new session with cache=None."
                 )
+            if session.model_ref is None or session.model_ref() is not self:  # whose session is it? (identity)
+                session.bind(self)
         if session.batch_size_ is None:
             session.batch_size_ = batch_size
         elif session.batch_size_ != batch_size:

@@ -256,7 +256,7 @@ def test_saved_session_continues_exactly(tmp_path, overrides):
     document, question = random_ids(2, L + 7 * W + 3, seed=12), random_ids(2, 11, seed=13)
     cache = run(model, document).cache
     cache.save(tmp_path / "session")
-    assert sorted(os.listdir(tmp_path / "session")) == ["memory.safetensors", "session.json"]
+    assert sorted(os.listdir(tmp_path / "session")) == [tensors_file(tmp_path / "session").name, "session.json"]
     expected = run(model, question, cache=cache).logits
     loaded = LongLlamaCache.load(tmp_path / "session", reloaded)
     assert loaded.get_seq_length() == document.shape[1]
@@ -269,9 +269,9 @@ def test_saved_session_continues_exactly(tmp_path, overrides):
 def test_session_of_another_model_is_refused(tmp_path):
     model = tiny_model(1, mem_layers=[1, 2])
     run(model, random_ids(1, 30)).cache.save(tmp_path / "session")
-    with pytest.raises(ValueError, match="another configuration.*mem_layers"):
+    with pytest.raises(ValueError, match="another model .configuration mem_layers: saved .1, 2., this model .1."):
         LongLlamaCache.load(tmp_path / "session", tiny_model(1, mem_layers=[1]))
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(ValueError, match=r"another model \(embeddings and weights of layers 0, 1, 2, 3 differ\)"):
         LongLlamaCache.load(tmp_path / "session", tiny_model(2, mem_layers=[1, 2]))
 
 
@@ -280,7 +280,7 @@ def test_corrupted_or_missing_session_is_refused(tmp_path):
     run(model, random_ids(1, 30)).cache.save(tmp_path / "session")
     with pytest.raises(FileNotFoundError, match="No saved LongLLaMA session"):
         LongLlamaCache.load(tmp_path / "nowhere", model)
-    tensors = tmp_path / "session" / "memory.safetensors"
+    tensors = tensors_file(tmp_path / "session")
     data = bytearray(tensors.read_bytes())
     data[-5] ^= 0xFF
     tensors.write_bytes(bytes(data))
@@ -314,19 +314,32 @@ def test_hand_edited_session_file_is_refused(tmp_path, edit):
 
 
 def test_save_never_overwrites_other_data_and_replaces_a_session_whole(tmp_path):
+    """A directory of the user's files takes a session beside them; a re-save replaces only the session's own files;
+    a directory whose session.json is not a session is refused."""
     model = tiny_model(1, mem_layers=[1, 2])
     cache = run(model, random_ids(1, 30)).cache
-    other = tmp_path / "photos"
-    other.mkdir()
-    (other / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(FileExistsError, match="not a saved LongLLaMA session"):
-        cache.save(other)
-    assert (other / "cat.jpg").read_bytes() == b"meow"
-    cache.save(tmp_path / "session")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"meow")
+    cache.save(photos)
     bigger = run(model, random_ids(1, 60, seed=1)).cache
-    bigger.save(tmp_path / "session")
-    assert json.loads((tmp_path / "session" / "session.json").read_text())["seen_tokens"] == 60
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "session"]  # no partial directories left
+    bigger.save(photos)
+    assert (photos / "cat.jpg").read_bytes() == b"meow"
+    assert sorted(os.listdir(photos)) == ["cat.jpg", tensors_file(photos).name, "session.json"]
+    assert LongLlamaCache.load(photos, model).get_seq_length() == 60
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "session.json").write_text('{"meeting": "tuesday"}')
+    with pytest.raises(FileExistsError, match="not a readable LongLLaMA session"):
+        cache.save(notes)
+    assert (notes / "session.json").read_text() == '{"meeting": "tuesday"}' and len(os.listdir(notes)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "photos"]  # no partial directories left
+
+
+def tensors_file(directory):
+    """The tensors file of the session saved in `directory` (`memory.<16 hex>.safetensors`)."""
+    (path,) = directory.glob("memory.*.safetensors")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------
