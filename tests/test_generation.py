@@ -134,7 +134,7 @@ def test_token_by_token_decode_matches_reference(spelling):
 CONTINUATION_CASES = {
     "tiny": dict(),
     "gqa_two_memory_layers": dict(num_key_value_heads=2, mem_layers=[0, 2]),
-    "L_above_window": dict(last_context_length=12),
+    "L_equals_window": dict(last_context_length=W),
 }
 
 
@@ -334,7 +334,7 @@ def test_static_cache_raises():
 # --------------------------------------------------------------------------- 9. last_context_length in generate()
 
 
-@pytest.mark.parametrize("last_context_length", [2, 6, 12])
+@pytest.mark.parametrize("last_context_length", [2, 6, 8])
 def test_generate_honours_last_context_length(last_context_length):
     model = make_model()
     ids = random_ids(1, 29, seed=17)

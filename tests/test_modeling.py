@@ -83,9 +83,9 @@ FORWARD_CASES = {
     "T_equals_L": (dict(), 1, L, {}),
     "T_not_multiple_of_window": (dict(), 1, L + 2 * W + 5, {}),
     "batch_3": (dict(num_key_value_heads=2), 3, 29, {}),
-    "L_above_window_config": (dict(last_context_length=12), 2, 30, {}),
-    "L_above_window_per_call": (dict(), 1, 30, dict(last_context_length=20)),
-    "L_per_call_overrides_config": (dict(last_context_length=12), 1, 30, dict(last_context_length=6)),
+    "L_equals_window_config": (dict(last_context_length=W), 2, 30, {}),
+    "L_equals_window_per_call": (dict(), 1, 30, dict(last_context_length=W)),
+    "L_per_call_overrides_config": (dict(last_context_length=W), 1, 30, dict(last_context_length=6)),
 }
 
 
@@ -238,8 +238,8 @@ DROP_IN_CASES = {
     "single_token": (dict(), 1),
     "gqa": (dict(num_key_value_heads=2, mem_layers=[0, 3]), L),
     "no_memory_layers": (dict(mem_layers=[]), 3),
-    "L_above_window": (dict(mem_layers=[1, 2], last_context_length=12), 12),
-    "L_above_window_no_memory": (dict(mem_layers=[], last_context_length=12), 10),
+    "L_equals_window": (dict(mem_layers=[1, 2], last_context_length=W), W),
+    "L_equals_window_no_memory": (dict(mem_layers=[], last_context_length=W), 7),
 }
 
 
@@ -271,7 +271,7 @@ def _padded_batch(real_length, pad, seed=4):
 PADDING_CASES = {
     # name: (model overrides, real length of row 0, padding of row 0)
     "T_below_L": (dict(), 2, 2),
-    "T_below_L_above_window": (dict(last_context_length=12), 7, 5),
+    "T_below_L_equal_to_window": (dict(last_context_length=W), 5, 3),
     "pad_one_window": (dict(), 21, W),  # whole windows of padding: the window cut of the real tokens is unchanged
     "pad_two_windows_gqa": (dict(num_key_value_heads=2, mem_layers=[0, 2]), 13, 2 * W),
 }
@@ -472,6 +472,8 @@ BAD_INPUTS = {
     "cache_other_batch_size": (lambda m, ids: m(ids, cache=_batch_two_cache(m)), "batch size 2"),
     "cache_without_use_cache": (lambda m, ids: m(ids, cache=_batch_two_cache(m), use_cache=False), "use_cache"),
     "last_context_length_zero": (lambda m, ids: m(ids, last_context_length=0), "last_context_length=0"),
+    "last_context_length_above_window": (lambda m, ids: m(ids, last_context_length=9), "the window 8"),
+    "empty_batch": (lambda m, ids: m(ids[:0]), r"no tokens \(shape \[0, 5\]\)"),
     "ids_and_embeds": (lambda m, ids: m(ids, inputs_embeds=m.model.embed_tokens(ids)), "exactly one"),
     "no_ids_no_embeds": (lambda m, ids: m(attention_mask=torch.ones(1, 5)), "exactly one"),
     "dynamic_cache": (lambda m, ids: m(ids, cache=_llama_dynamic_cache(m)), "LongLlamaCache"),
