@@ -1,6 +1,7 @@
 """Memory at scale (docs/inference.md#beyond, docs/memory.md, issue 6): kNN top-k retrieval, bounded memory, int8
 storage, offload, saved sessions, beam search sharing one memory, device maps."""
 
+import copy
 import json
 import os
 
@@ -123,6 +124,31 @@ def test_top_k_kernel_never_selects_padding():
         found = ids[b][ids[b] >= 0]
         assert bool(valid[b, found].all())  # ids are positions: no eviction here
         assert int((ids[b, 0, 0] >= 0).sum()) == int(valid[b].sum())  # every valid entry, then -1 slots
+
+
+def test_top_k_with_nan_in_memory_is_the_same_with_the_kernel_and_torch(monkeypatch):
+    """Memory keys that hold NaN (an overflow upstream) are never retrieved: the compiled kernel and both torch paths
+    agree (NaN scores count as -inf), and the answer stays finite."""
+    from longllama import search
+    from longllama.modeling import knn_longllama
+
+    model = tiny_model(1, mem_layers=[1, 2], mem_top_k=3)
+    cache = run(model, random_ids(1, L + 4 * W, seed=21)).cache
+    for layer in memory_layers(cache):
+        chunk = next(layer.memory_store.chunks())[1]
+        chunk.keys.view()[0, 1, 2:9] = float("nan")
+    question = random_ids(1, 3, seed=22)
+    results = {}
+    for path in ("kernel", "torch", "reference"):
+        session = copy.deepcopy(cache)
+        with monkeypatch.context() as patch:
+            if path == "torch":
+                patch.setattr(search, "_kernel", None)
+            if path == "reference":
+                patch.setitem(knn_longllama.INDEX_BACKENDS, "exact", knn_longllama.ExactIndex)
+            results[path] = run(model, question, cache=session).logits
+    assert results["kernel"].isfinite().all()
+    assert max_err(results["torch"], results["kernel"]) < 1e-5 and max_err(results["reference"], results["kernel"]) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------------
