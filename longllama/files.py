@@ -185,6 +185,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, whose I/O errors (a full disk, a read-only directory) are raised as `OSError`
+    like every other write's, not as `SafetensorError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as error:
+        raise OSError(f"cannot write {path}: {error}") from error
+
+
 def read_regular_file(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of `path`, which must be a regular file of at most `limit` bytes (a FIFO, a device such as /dev/zero
     or an oversized file raises `ValueError` instead of blocking or filling memory)."""
@@ -236,9 +248,10 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "lock_directory",
-    "unlock",
     "private_cache_dir",
     "read_regular_file",
     "remove_stale_partials",
     "replace_directory",
+    "save_safetensors",
+    "unlock",
 ]

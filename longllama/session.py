@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_directory, atomic_write_text, lock_directory, read_regular_file, unlock
+from .files import atomic_directory, atomic_write_text, lock_directory, read_regular_file, save_safetensors, unlock
 from .identity import decoder_of, identity_difference, model_identity
 from .modeling.cache_longllama import LongLlamaCache, MemoryCacheLayer
 from .modeling.memory_longllama import CHUNK_ELEMENTS, MIN_CHUNK, LayerMemory, MemoryChunk, MemorySegment
@@ -164,11 +164,9 @@ def _session_contents(cache: LongLlamaCache, identity: dict) -> tuple[dict, dict
 def _write_session(directory: Path, tensors: dict, session: dict, previous: str | None) -> None:
     """The tensors file under its final name, then `session.json` in one rename (the commit), then the old tensors
     file goes."""
-    from safetensors.torch import save_file
-
     partial = directory / f".memory.{os.urandom(8).hex()}.partial"
     try:
-        save_file(tensors, partial, metadata={"format": FORMAT})
+        save_safetensors(tensors, partial, metadata={"format": FORMAT})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())  # on disk before session.json names it
         digest = _sha256(partial)
