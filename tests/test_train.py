@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -295,11 +296,14 @@ def test_exact_resume(run_a, run_b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # the checkpoints match too (optimizer included)
-    a6 = torch.load(run_a / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
-    b6 = torch.load(output_b / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
-    for key, state in a6["state"].items():
-        assert torch.equal(state["exp_avg"], b6["state"][key]["exp_avg"])
+    # the checkpoints match too (optimizer included), and hold safetensors and JSON only
+    a6 = load_file(run_a / "checkpoints" / "step-6" / "optimizer.safetensors")
+    b6 = load_file(output_b / "checkpoints" / "step-6" / "optimizer.safetensors")
+    assert a6.keys() == b6.keys() and any(key.endswith(".exp_avg") for key in a6)
+    for key in a6:
+        assert torch.equal(a6[key], b6[key]), key
+    for checkpoint in (run_a / "checkpoints" / "step-6", output_b / "checkpoints" / "step-3"):
+        assert {p.suffix for p in checkpoint.iterdir()} == {".json", ".safetensors"}
     for step in (3, 6):
         data_a = (run_a / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
         data_b = (output_b / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
@@ -312,6 +316,48 @@ def test_exact_resume(run_a, run_b):
     assert log_b[0]["loss"] == pytest.approx((log_a[1]["loss"] + log_a[2]["loss"]) / 2, rel=1e-6)
     assert log_b[3]["loss"] == pytest.approx((log_a[5]["loss"] + log_a[6]["loss"]) / 2, rel=1e-6)
     assert log_b[3]["tokens_seen"] == log_a[6]["tokens_seen"] == 6 * 8 * WINDOW
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pt"])
+def test_resume_refuses_a_planted_pickle(ws, run_a, tmp_path, capsys, planted):
+    """A pickle planted in a checkpoint (what accelerate's load_state would have unpickled) is refused before anything
+    is loaded, in one line; the payload never runs."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    witness = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(witness), "w"))
+
+    (copy / "checkpoints" / "step-6" / planted).write_bytes(pickle.dumps(Payload()))
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert f"{planted} is a pickle file" in err and err.count("\n") == 1, err
+    assert not witness.exists() and not (copy / "model").exists()
+
+
+def test_resume_refuses_an_old_accelerate_checkpoint(ws, run_a, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    state_file = copy / "checkpoints" / "step-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["format"]
+    state_file.write_text(json.dumps(state))
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    assert "older longllama-train" in capsys.readouterr().err
+
+
+def test_resume_checkpoint_engines():
+    from accelerate.utils import DistributedType
+
+    from longllama.checkpoint import check_engine, whole_state
+
+    assert whole_state(DistributedType.NO) and whole_state(DistributedType.MULTI_CPU)
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        assert not whole_state(engine)
+        with pytest.raises(ValueError, match="--save-every 0"):
+            check_engine(engine)
 
 
 def test_resumed_log_window_loss(run_a, run_b):
