@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_directory, atomic_write_text, lock_directory, read_regular_file, save_safetensors, unlock
+from .files import (
+    atomic_directory, atomic_write_text, lock_directory, read_regular_file, remove_stale_partials, save_safetensors, unlock,
+)
 from .identity import decoder_of, identity_difference, model_identity
 from .modeling.cache_longllama import LongLlamaCache, MemoryCacheLayer
 from .modeling.memory_longllama import CHUNK_ELEMENTS, MIN_CHUNK, LayerMemory, MemoryChunk, MemorySegment
@@ -58,6 +60,7 @@ def save_session(cache: LongLlamaCache, path: str, model=None) -> None:
         with atomic_directory(path) as partial:  # the path appears only once the session is complete
             _write_session(partial, tensors, session, previous=None)
         return
+    remove_stale_partials(path)  # a killed first save's partial directory beside it
     lock = lock_directory(path)  # one save at a time into a directory
     try:
         previous = _current_tensors_file(path)
@@ -75,7 +78,7 @@ def load_session(path: str, model) -> LongLlamaCache:
     for attempt in range(3):  # a save into the same directory may replace the tensors file between two reads
         session = _read_session_file(path)
         identity = model_identity(model)
-        difference = identity_difference(session["model"], identity)
+        difference = identity_difference(session.get("model"), identity)
         if difference is not None:
             raise ValueError(
                 f"The session in {path} was saved from another model ({difference}): its memory means nothing to "
@@ -166,7 +169,8 @@ def _write_session(directory: Path, tensors: dict, session: dict, previous: str 
     file goes."""
     partial = directory / f".memory.{os.urandom(8).hex()}.partial"
     try:
-        save_safetensors(tensors, partial, metadata={"format": FORMAT})
+        # the session's description travels inside the checksummed file too: an edited session.json is detected
+        save_safetensors(tensors, partial, metadata={"format": FORMAT, "session": json.dumps(session, sort_keys=True)})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())  # on disk before session.json names it
         digest = _sha256(partial)
@@ -212,7 +216,9 @@ def _remove_leftovers(path: Path, keep: str | None) -> None:
 
 
 def _read_tensors(path: str, session: dict) -> dict:
-    from safetensors import SafetensorError
+    """The tensors of the session, after checking the tensors file against `session.json` (its SHA-256, and the copy
+    of `session.json` it carries: any edit of the counters, the layout or the model identity is refused)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     name = session.get("tensors")
@@ -227,9 +233,15 @@ def _read_tensors(path: str, session: dict) -> dict:
             f"{tensors_path} is corrupted (its checksum differs from {SESSION_FILE}): save the session again."
         )
     try:
-        return load_file(tensors_path)
-    except SafetensorError as error:
+        with safe_open(tensors_path, framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("session", "null"))
+        tensors = load_file(tensors_path)
+    except (SafetensorError, ValueError) as error:
         raise ValueError(f"{tensors_path} is corrupted ({error}): save the session again.") from error
+    if saved != {key: value for key, value in session.items() if key not in ("tensors", "sha256")}:
+        raise ValueError(f"{os.path.join(path, SESSION_FILE)} was changed after the session was saved: save the "
+                         "session again.")
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -304,8 +316,8 @@ def _load_layer(layer, state: dict, prefix: str, tensors: dict, device: torch.de
 
 
 def _count(value) -> int:
-    """A non-negative integer of `session.json`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    """A non-negative integer of `session.json` (below 2**62: token positions must fit int64 arithmetic)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**62:
         raise ValueError(f"{value!r} is not a count")
     return value
 

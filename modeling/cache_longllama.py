@@ -285,9 +285,9 @@ class LongLlamaCache(Cache):
         self.model_ref = weakref.ref(model)
 
     def save(self, path, model=None) -> None:
-        """Save the session to the directory `path` (`memory.safetensors` + `session.json`) to reuse it later with
+        """Save the session to the directory `path` (a tensors file + `session.json`) to reuse it later with
         `LongLlamaCache.load(path, model)`: ingest a document once, ask many questions. `model` defaults to the model
-        that filled the cache; its fingerprint is saved so that the session never loads into another model."""
+        that filled the cache; its identity is saved so that the session never loads into another model."""
         _session_store().save_session(self, path, model if model is not None else self.model_ref and self.model_ref())
 
     @classmethod

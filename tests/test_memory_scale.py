@@ -2,6 +2,7 @@
 storage, offload, saved sessions, beam search sharing one memory, device maps."""
 
 import copy
+import hashlib
 import json
 import os
 
@@ -317,10 +318,13 @@ def test_corrupted_or_missing_session_is_refused(tmp_path):
         LongLlamaCache.load(tmp_path / "session", model)
 
 
-@pytest.mark.parametrize("edit", ["segment", "chunks", "layers", "length"])
+@pytest.mark.parametrize("edit", ["segment", "chunks", "layers", "length", "seen_tokens"])
 def test_hand_edited_session_file_is_refused(tmp_path, edit):
-    """`session.json` edited so that it no longer describes the (intact) tensors: a clear error, never a crash deep
-    inside loading or a cache that silently differs."""
+    """`session.json` edited so that it no longer describes the (intact) tensors is refused: the tensors file carries
+    a checksummed copy of it. Crafted to match (both files rewritten, checksum updated), the layout is still checked:
+    a clear error, never a crash deep inside loading or a cache that silently differs."""
+    from safetensors.torch import load_file, save_file
+
     model = tiny_model(1, mem_layers=[1, 2])
     run(model, random_ids(1, L + 3 * W)).cache.save(tmp_path / "session")
     path = tmp_path / "session" / "session.json"
@@ -332,8 +336,18 @@ def test_hand_edited_session_file_is_refused(tmp_path, edit):
         state["chunks"].append({"segment": 0, "first_id": 999, "limit": 64})
     elif edit == "layers":
         session["layers"][1] = None
-    else:
+    elif edit == "length":
         state["length"] += 1
+    else:
+        session["seen_tokens"] = 2**63
+    path.write_text(json.dumps(session))
+    with pytest.raises(ValueError, match="session.json was changed after the session was saved"):
+        LongLlamaCache.load(tmp_path / "session", model)
+    tensors_path = tensors_file(tmp_path / "session")
+    described = {key: value for key, value in session.items() if key not in ("tensors", "sha256")}
+    save_file(load_file(tensors_path), tensors_path, metadata={"format": "longllama-session",
+                                                               "session": json.dumps(described)})
+    session["sha256"] = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
     path.write_text(json.dumps(session))
     with pytest.raises(ValueError, match="consistent LongLLaMA session"):
         LongLlamaCache.load(tmp_path / "session", model)
