@@ -286,11 +286,14 @@ def read_source_config(src: Path) -> dict:
 
 
 def config_from_dict(cls, fields: dict, which: str):
-    """`cls.from_dict(fields)`; a value of the wrong type or out of range is a one-line ConversionError."""
+    """`cls.from_dict(fields)`; a value of the wrong type or out of range is a one-line ConversionError (transformers
+    raises many kinds of errors on odd values, e.g. an IndexError for `"dtype": "abc"`: all of them mean bad input)."""
     try:
         return cls.from_dict(dict(fields))
-    except (ValueError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+    except (ValueError, StrictDataclassError) as exc:
         raise ConversionError(f"invalid {which} config: {exc}".replace("\n", " ")) from exc
+    except Exception as exc:
+        raise ConversionError(f"invalid {which} config: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
 
 
 def expected_shapes(config: LongLlamaConfig) -> dict[str, tuple[int, ...]]:
