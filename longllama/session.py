@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import stat
 import weakref
 from pathlib import Path
@@ -167,18 +168,20 @@ def _session_contents(cache: LongLlamaCache, identity: dict) -> tuple[dict, dict
 def _write_session(directory: Path, tensors: dict, session: dict, previous: str | None) -> None:
     """The tensors file under its final name, then `session.json` in one rename (the commit), then the old tensors
     file goes."""
+    # a directory of our own: safetensors writes through a temporary file (`.tmpXXXXXX`) beside its target
     partial = directory / f".memory.{os.urandom(8).hex()}.partial"
+    partial.mkdir()
     try:
+        written = partial / "memory.safetensors"
         # the session's description travels inside the checksummed file too: an edited session.json is detected
-        save_safetensors(tensors, partial, metadata={"format": FORMAT, "session": json.dumps(session, sort_keys=True)})
-        with open(partial, "rb") as f:
+        save_safetensors(tensors, written, metadata={"format": FORMAT, "session": json.dumps(session, sort_keys=True)})
+        with open(written, "rb") as f:
             os.fsync(f.fileno())  # on disk before session.json names it
-        digest = _sha256(partial)
+        digest = _sha256(written)
         name = f"memory.{digest[:16]}.safetensors"
-        os.replace(partial, directory / name)  # the same name holds the same bytes, should it exist
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        os.replace(written, directory / name)  # the same name holds the same bytes, should it exist
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     session.update(tensors=name, sha256=digest)
     try:
         atomic_write_text(directory / SESSION_FILE, json.dumps(session, indent=1))
@@ -209,7 +212,10 @@ def _current_tensors_file(path: Path) -> str | None:
 def _remove_leftovers(path: Path, keep: str | None) -> None:
     """Remove what a killed save left in `path`: its temporary files and tensors files no session names."""
     for entry in os.scandir(path):
-        ours = PARTIAL_TENSORS.fullmatch(entry.name) or PARTIAL_SESSION_FILE.fullmatch(entry.name)
+        if PARTIAL_TENSORS.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            continue
+        ours = PARTIAL_SESSION_FILE.fullmatch(entry.name)
         orphan = TENSORS_NAME.fullmatch(entry.name) and entry.name != keep
         if (ours or orphan) and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)

@@ -224,8 +224,10 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path, pair):
     directory = tmp_path / "s"
     fill(model).save(directory)
     leftovers = [".memory.0123abcd.partial", "memory.0123456789abcdef.safetensors", ".session.json.k2j3_x.tmp"]
-    for name in leftovers:
+    for name in leftovers[1:]:
         (directory / name).write_bytes(b"x" * 10)
+    (directory / leftovers[0]).mkdir()  # the partial directory the tensors file is written in
+    (directory / leftovers[0] / ".tmpAbC123").write_bytes(b"x" * 10)  # safetensors' own temporary file
     (directory / "memory.notes.safetensors").write_bytes(b"mine")  # not one of ours: the name does not match
     fill(model, seed=4).save(directory)
     names = set(os.listdir(directory))
