@@ -104,6 +104,11 @@ class LongLlamaConfig(LlamaConfig):
                 super().__setattr__(name, old)
                 raise
 
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_post_init_done", None)  # diff vs Llama: our flag above (transformers < 5.24 would save it)
+        return output
+
     @property
     def mem_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.mem_dtype)
