@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .files import (
-    atomic_directory, atomic_write_text, lock_directory, read_regular_file, remove_stale_partials, save_safetensors, unlock,
+    atomic_directory, atomic_write_text, lock_directory, read_regular_file, remove_stale_partials, save_safetensors,
+    unlock,
 )
 from .identity import decoder_of, identity_difference, model_identity
 from .modeling.cache_longllama import LongLlamaCache, MemoryCacheLayer

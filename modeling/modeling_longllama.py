@@ -288,11 +288,11 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         mem_top_k = self.config.mem_top_k if mem_top_k is None else mem_top_k
         check_top_k(mem_top_k)
         if not 1 <= last_context_length <= self.window_size:
-            raise ValueError(f"last_context_length={last_context_length} must be in [1, the window {self.window_size}].")
+            raise ValueError(f"last_context_length={last_context_length} must be in [1, the window {self.window_size}]")
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, num_tokens = inputs.shape[:2]
         if num_tokens == 0 or batch_size == 0:
-            raise ValueError(f"The input has no tokens (shape {list(inputs.shape[:2])}): pass at least one row and token.")
+            raise ValueError(f"The input is empty (shape {list(inputs.shape[:2])}): pass at least one row and token.")
         if cross_batch_rows is not None:
             _cross_batch().check_rows(cross_batch_rows, cache, batch_size, num_tokens, self.window_size)
             use_cache, last_context_length = False, num_tokens  # each row is one window; nothing is remembered

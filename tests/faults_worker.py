@@ -290,10 +290,10 @@ def train_faults(work: Path, rng: random.Random, count: int, report: Report) -> 
             f.write(json.dumps(TASK.document(data_rng)) + "\n")
 
     def args(output: Path, steps: int) -> list[str]:
-        return ["--init-config", str(config), "--tokenizer", str(work / "tokenizer"), "--data", str(work / "data.jsonl"),
-                "--batch-size", "4", "--pack-size", "2", "--cross-batch-range", "1", "--lr", "3e-3", "--steps",
-                str(steps), "--save-every", "1", "--keep-checkpoints", "2", "--log-every", "1", "--output-dir",
-                str(output), "--resume", "auto"]
+        return ["--init-config", str(config), "--tokenizer", str(work / "tokenizer"), "--data",
+                str(work / "data.jsonl"), "--batch-size", "4", "--pack-size", "2", "--cross-batch-range", "1", "--lr",
+                "3e-3", "--steps", str(steps), "--save-every", "1", "--keep-checkpoints", "2", "--log-every", "1",
+                "--output-dir", str(output), "--resume", "auto"]
 
     def run(output: Path, steps: int, **options) -> int:
         return wait(fork(lambda: main(args(output, steps)), **options))

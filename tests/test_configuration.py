@@ -81,7 +81,7 @@ BAD_VALUES = [
     pytest.param({"mem_attention_grouping": 5}, "5", id="grouping-int"),
     pytest.param({"last_context_length": 0}, "0", id="last_context_length-zero"),
     pytest.param({"last_context_length": -5}, "-5", id="last_context_length-negative"),
-    pytest.param({"last_context_length": 9}, "window (max_position_embeddings=8)", id="last_context_length-above-window"),
+    pytest.param({"last_context_length": 9}, "window (max_position_embeddings=8)", id="last_context_length-too-long"),
     pytest.param({"mem_attention_implementation": "flash"}, "flash", id="kernel-unknown"),
     pytest.param({"num_attention_heads": 4, "num_key_value_heads": 3}, "3", id="heads-not-multiple-of-kv-heads"),
 ]

@@ -473,7 +473,7 @@ BAD_INPUTS = {
     "cache_without_use_cache": (lambda m, ids: m(ids, cache=_batch_two_cache(m), use_cache=False), "use_cache"),
     "last_context_length_zero": (lambda m, ids: m(ids, last_context_length=0), "last_context_length=0"),
     "last_context_length_above_window": (lambda m, ids: m(ids, last_context_length=9), "the window 8"),
-    "empty_batch": (lambda m, ids: m(ids[:0]), r"no tokens \(shape \[0, 5\]\)"),
+    "empty_batch": (lambda m, ids: m(ids[:0]), r"input is empty \(shape \[0, 5\]\)"),
     "ids_and_embeds": (lambda m, ids: m(ids, inputs_embeds=m.model.embed_tokens(ids)), "exactly one"),
     "no_ids_no_embeds": (lambda m, ids: m(attention_mask=torch.ones(1, 5)), "exactly one"),
     "dynamic_cache": (lambda m, ids: m(ids, cache=_llama_dynamic_cache(m)), "LongLlamaCache"),
