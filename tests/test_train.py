@@ -710,6 +710,32 @@ def test_ddp_two_cpu_processes(ws, tmp_path, launcher):
     assert type(AutoModelForCausalLM.from_pretrained(output / "model")) is LongLlamaForCausalLM
 
 
+@pytest.mark.slow
+def test_ddp_resume_is_exact(ws, tmp_path):
+    """DDP on 2 CPU processes, interrupted after 2 steps and resumed to 4, ends with the model of an uninterrupted
+    4-step run: every process restores its own RNG and data position from safetensors and JSON."""
+    env = _launch_env(tmp_path)
+    env.pop("ACCELERATE_USE_CPU", None)
+
+    def launch(output, steps, *extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port",
+                   str(29600 + os.getpid() % 1000), "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                   "no", "--dynamo_backend", "no", "-m", "longllama.train",
+                   *ws.args(output, "--steps", steps, "--log-every", 2, "--batch-size", 4, "--save-every", 2, *extra)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=500)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "whole", 4)
+    launch(tmp_path / "resumed", 2)
+    launch(tmp_path / "resumed", 4, "--resume", "auto")
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-2"
+    assert {p.name for p in checkpoint.glob("rng-rank*")} == {f"rng-rank{r}.{s}" for r in (0, 1)
+                                                               for s in ("json", "safetensors")}
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # =========================================================================== positive attention mass
 
 
