@@ -83,17 +83,22 @@ def train_state(scheduler, scaler, accelerator_step: int) -> dict:
 def load_state(directory: Path, state: dict, *, model, optimizer, scheduler, scaler, rank: int) -> int:
     """Restore what `save_state` and `train_state` saved; returns accelerate's step counter. Every process loads the
     model and optimizer files (they are the same for all) and its own RNG file."""
+    from safetensors import SafetensorError
+
     check_no_pickles(directory)
-    load_model(model, str(directory / "model.safetensors"), strict=True)
-    optimizer_json = read_json(directory / "optimizer.json")
-    optimizer.load_state_dict(
-        optimizer_state_dict(optimizer_json, load_file(directory / "optimizer.safetensors"))
-    )
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(read_json(directory / f"rng-rank{rank}.json"), load_file(directory / f"rng-rank{rank}.safetensors"))
-    return int(state.get("accelerator_step", 0))
+    try:
+        load_model(model, str(directory / "model.safetensors"), strict=True)
+        optimizer_json = read_json(directory / "optimizer.json")
+        optimizer.load_state_dict(optimizer_state_dict(optimizer_json, load_file(directory / "optimizer.safetensors")))
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        rng = read_json(directory / f"rng-rank{rank}.json"), load_file(directory / f"rng-rank{rank}.safetensors")
+        set_rng_state(*rng)
+        return int(state.get("accelerator_step", 0))
+    except (SafetensorError, KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{directory} is not a whole checkpoint ({type(error).__name__}: {error}): resume from "
+                         "another one.".replace("\n", " ")) from error
 
 
 def read_json(path: Path):

@@ -348,6 +348,21 @@ def test_resume_refuses_an_old_accelerate_checkpoint(ws, run_a, tmp_path, capsys
     assert "older longllama-train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["truncated_model", "missing_rng"])
+def test_resume_from_a_damaged_checkpoint_is_one_line(ws, run_a, tmp_path, capsys, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    checkpoint = copy / "checkpoints" / "step-6"
+    if damage == "truncated_model":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (checkpoint / "rng-rank0.safetensors").unlink()
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "step-6" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_resume_checkpoint_engines():
     from accelerate.utils import DistributedType
 
