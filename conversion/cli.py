@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             check = args.verify if args.verify is not None else should_verify_by_default(args.src, args.dtype)
             if check:
                 print(f"verified: max abs logit difference {verify(args.src, dst):.3g}")
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConversionError, OSError) as exc:  # bad input, or a write that failed (nothing was left behind)
+        print(f"error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 

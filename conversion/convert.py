@@ -12,18 +12,19 @@ The command line (`longllama-convert`, `python -m longllama.conversion`) is `cli
 """
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.utils import logging
 
 import longllama.modeling
-from longllama.files import atomic_directory
+from longllama.files import atomic_directory, read_regular_file, save_safetensors
 from longllama.modeling.configuration_longllama import MEM_DTYPES, LongLlamaConfig
 
 # The remote code every checkpoint carries: each `*_longllama.py` of the modeling package (the tokenizer's file only
@@ -41,6 +42,7 @@ SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "pad_token", "mod
 DTYPES = ("keep", "bfloat16", "float16", "float32")
 # config.json fields that describe the source class rather than the architecture
 SOURCE_ONLY_FIELDS = ("model_type", "architectures", "auto_map", "transformers_version")
+JSON_LIMIT = 64 << 20  # bytes: config, index and tokenizer JSON files are far smaller
 
 # Source name -> target name; `{}` is a layer index, `None` drops the tensor (recomputed from the config).
 WEIGHT_MAP = {
@@ -146,25 +148,56 @@ def find_shards(src: Path) -> tuple[str, list[Path]]:
         ("safetensors", "model.safetensors", "model.safetensors.index.json"),
         ("pytorch", "pytorch_model.bin", "pytorch_model.bin.index.json"),
     ):
-        if (src / index).is_file():
-            weight_map = read_json(src / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(f"{src / index} has no weight_map.")
-            shards = [src / name for name in sorted(set(weight_map.values()))]
-            for shard in shards:
-                if not shard.is_file():
-                    raise ConversionError(f"{shard.name} is listed in {index} but missing from {src}.")
-            return fmt, shards
-        if (src / single).is_file():
-            return fmt, [src / single]
+        if os.path.lexists(src / index):
+            weight_map = read_json(source_file(src, index)).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{src / index} has no weight_map from tensor names to file names.")
+            return fmt, [source_file(src, name, index) for name in sorted(set(weight_map.values()))]
+        if os.path.lexists(src / single):
+            return fmt, [source_file(src, single)]
     raise ConversionError(f"{src} has no weights: expected model.safetensors, pytorch_model.bin or a sharded index.")
 
 
+def source_file(src: Path, name, listed_in: str | None = None) -> Path:
+    """`src / name`, checked to be a regular file inside SRC: a name with `..` or an absolute path, a symlink that
+    leads out of SRC and a device or FIFO are refused, so the converter never reads anything but SRC. (A Hugging Face
+    cache snapshot, whose files link to its repository's `blobs/`, may also read those.)"""
+    where = f"listed in {listed_in}" if listed_in else "in the source"
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConversionError(f"{name!r} is {where} but is not a file name inside {src}.")
+    path = src / name
+    if not os.path.lexists(path):
+        raise ConversionError(f"{name} is {where} but missing from {src}." if listed_in else f"{path} is missing.")
+    real = path.resolve()
+    if not any(real.is_relative_to(root) for root in source_roots(src)):
+        raise ConversionError(f"{path} leads outside the source directory (to {real}): copy the file into {src}.")
+    if not real.is_file():
+        raise ConversionError(f"{path} is not a regular file (a device, a FIFO or a directory?).")
+    return path
+
+
+def source_roots(src: Path) -> list[Path]:
+    """Where the files of SRC may really be: SRC, and for a Hugging Face cache snapshot (`.../snapshots/REVISION`)
+    the repository's `blobs` directory its files link to."""
+    root = src.resolve()
+    return [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+
+
 def read_json(path: Path) -> dict:
+    """The JSON object in the regular file `path` (UTF-8, at most `JSON_LIMIT` bytes), or a one-line ConversionError."""
     try:
-        return json.loads(path.read_text())
+        fields = json.loads(read_regular_file(path, JSON_LIMIT).decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConversionError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
     except json.JSONDecodeError as exc:
         raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConversionError(f"{path} nests too deeply to be a config.") from exc
+    except ValueError as exc:  # not a regular file, or too large
+        raise ConversionError(str(exc)) from exc
+    if not isinstance(fields, dict):
+        raise ConversionError(f"{path} holds a JSON {type(fields).__name__}, not an object.")
+    return fields
 
 
 def read_headers(shard: Path, fmt: str) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -217,18 +250,18 @@ def iter_tensors(shard: Path, fmt: str):
 def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, dtype) -> LongLlamaConfig:
     """LongLlamaConfig from the source config.json plus the options. A longllama source keeps its memory fields
     unless an option overrides them; a llama source gets `default_mem_layers` and the LongLlamaConfig defaults."""
+    fields = read_source_config(src)
     config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{src} is not a checkpoint directory: {config_path.name} is missing.")
-    fields = read_json(config_path)
     model_type = fields.get("model_type")
     if model_type not in ("llama", "longllama"):
         raise ConversionError(f"{config_path} has model_type {model_type!r}; only 'llama' and 'longllama' convert.")
     for name in SOURCE_ONLY_FIELDS:
         fields.pop(name, None)
-    num_layers = fields.get("num_hidden_layers", 32)
+    num_layers, hidden = fields.get("num_hidden_layers", 32), fields.get("hidden_size", 4096)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (num_layers, hidden)):
+        raise ConversionError(f"{config_path}: num_hidden_layers and hidden_size must be positive integers.")
     if mem_layers is None and model_type == "llama":
-        mem_layers = default_mem_layers(num_layers, fields.get("hidden_size", 4096))
+        mem_layers = default_mem_layers(num_layers, hidden)
     if mem_layers is not None:
         bad = [idx for idx in mem_layers if not 0 <= idx < num_layers]
         if bad:
@@ -240,8 +273,10 @@ def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, 
     # options may not set more. A longllama source may keep its own (the published code allows more, see
     # docs/compatibility.md).
     W = fields.setdefault("max_position_embeddings", LongLlamaConfig.max_position_embeddings)
-    L = fields.setdefault("last_context_length", min(LongLlamaConfig.last_context_length, W))
-    if L > W and (last_context_length is not None or window is not None):
+    if "last_context_length" not in fields and isinstance(W, int):
+        fields["last_context_length"] = min(LongLlamaConfig.last_context_length, W)
+    L = fields.get("last_context_length")
+    if isinstance(L, int) and isinstance(W, int) and L > W and (last_context_length is not None or window is not None):
         raise ConversionError(
             f"last_context_length {L} is longer than the window (max_position_embeddings = {W}): give "
             f"--last-context-length of at most {W}."
@@ -250,10 +285,25 @@ def build_config(src: Path, mem_layers, last_context_length, mem_dtype, window, 
         fields.pop("torch_dtype", None)
         fields["dtype"] = dtype
     fields["architectures"] = ["LongLlamaForCausalLM"]
+    return config_from_dict(LongLlamaConfig, fields, "target")
+
+
+def read_source_config(src: Path) -> dict:
+    """The fields of SRC's config.json (a regular JSON object file inside SRC)."""
+    if not os.path.lexists(src / "config.json"):
+        raise ConversionError(f"{src} is not a checkpoint directory: config.json is missing.")
+    return read_json(source_file(src, "config.json"))
+
+
+def config_from_dict(cls, fields: dict, which: str):
+    """`cls.from_dict(fields)`; a value of the wrong type or out of range is a one-line ConversionError (transformers
+    raises many kinds of errors on odd values, e.g. an IndexError for `"dtype": "abc"`: all of them mean bad input)."""
     try:
-        return LongLlamaConfig.from_dict(fields)
-    except (ValueError, TypeError) as exc:
-        raise ConversionError(f"invalid target config: {exc}".replace("\n", " ")) from exc
+        return cls.from_dict(dict(fields))
+    except (ValueError, StrictDataclassError) as exc:
+        raise ConversionError(f"invalid {which} config: {exc}".replace("\n", " ")) from exc
+    except Exception as exc:
+        raise ConversionError(f"invalid {which} config: {type(exc).__name__}: {exc}".replace("\n", " ")) from exc
 
 
 def expected_shapes(config: LongLlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -374,7 +424,7 @@ def write_weights(plan: Plan, out: Path, shard_bytes: int) -> None:
                 weight_map[target] = names[index]
                 bar.update(tensor.numel() * tensor.element_size())
                 if len(pending[index]) == len(groups[index]):
-                    save_file(pending.pop(index), out / names[index], metadata={"format": "pt"})
+                    save_safetensors(pending.pop(index), out / names[index], metadata={"format": "pt"})
     assert not pending, "every output shard is complete once all source shards are read"
     if len(groups) > 1:
         index_json = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -385,16 +435,16 @@ def copy_generation_and_tokenizer(src: Path, out: Path, config, longllama_tokeni
     """generation_config.json (copied, or bos/eos/pad from `config`) and the tokenizer files. A sentencepiece
     `tokenizer.model` gets a tokenizer_config.json naming `LongLlamaTokenizer` (exact sentencepiece ids, shipped as
     remote code) when `longllama_tokenizer`, else transformers' `LlamaTokenizer`."""
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", out / "generation_config.json")
+    if os.path.lexists(src / "generation_config.json"):
+        shutil.copy2(source_file(src, "generation_config.json"), out / "generation_config.json")
     else:
         tokens = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         generation = {k: v for k, v in tokens.items() if v is not None}
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-    if (src / "tokenizer.model").is_file():
+        if os.path.lexists(src / name):
+            shutil.copy2(source_file(src, name), out / name)
+    if os.path.lexists(src / "tokenizer.model"):
         write_tokenizer_config(src, out, longllama_tokenizer)
 
 
@@ -406,7 +456,7 @@ def write_tokenizer_config(src: Path, out: Path, longllama_tokenizer: bool) -> N
     on runs of spaces and leading whitespace for OpenLLaMA's model, so LongLLaMA checkpoints name
     `LongLlamaTokenizer` (modeling/tokenization_longllama.py, copied next to it), which runs sentencepiece itself."""
     path = src / "tokenizer_config.json"
-    source = read_json(path) if path.is_file() else {}
+    source = read_json(source_file(src, path.name)) if os.path.lexists(path) else {}
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     config.update({k: source[k] for k in SPECIAL_TOKEN_FIELDS if k in source})
     if config.get("pad_token") is None:
@@ -537,8 +587,10 @@ def convert(
         dry_run: print the plan and the resulting config.json; write nothing.
 
     Returns:
-        `dst` as a Path. Raises `ConversionError` (a `ValueError`) with a one-line message on bad input; nothing is
-        left at `dst` (nor the temporary directory next to it) when anything fails.
+        `dst` as a Path. Raises `ConversionError` (a `ValueError`) with a one-line message on bad input, and `OSError`
+        when writing fails (a read-only or full disk); nothing is left at `dst` (nor the temporary directory next to
+        it) when anything fails, and a `dst` replaced with `force` stays whole until the new one takes its place.
+        Nothing outside `src` is read (`source_file`).
     """
     src, dst = Path(src), Path(dst)
     check_paths(src, dst, dtype, force, dry_run)

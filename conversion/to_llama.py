@@ -20,10 +20,11 @@ from .convert import (
     ConversionError,
     Plan,
     check_paths,
+    config_from_dict,
     copy_generation_and_tokenizer,
     make_plan,
     parse_size,
-    read_json,
+    read_source_config,
     write_atomically,
     write_weights,
 )
@@ -34,11 +35,9 @@ from longllama.modeling.configuration_longllama import LongLlamaConfig
 LONGLLAMA_FIELDS = tuple(sorted(set(LongLlamaConfig().to_dict()) - set(LlamaConfig().to_dict())))
 
 
-def read_source_config(src: Path) -> dict:
+def read_longllama_config(src: Path) -> dict:
+    fields = read_source_config(src)
     config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{src} is not a checkpoint directory: {config_path.name} is missing.")
-    fields = read_json(config_path)
     model_type = fields.get("model_type")
     if model_type == "llama":
         raise ConversionError(f"{src} is already a Llama checkpoint (model_type 'llama'); nothing to convert.")
@@ -53,17 +52,11 @@ def build_configs(fields: dict, dtype: str) -> tuple[LongLlamaConfig, LlamaConfi
     if dtype != "keep":
         fields.pop("torch_dtype", None)
         fields["dtype"] = dtype
-    try:
-        source = LongLlamaConfig.from_dict(dict(fields))
-    except (ValueError, TypeError) as exc:
-        raise ConversionError(f"invalid source config: {exc}".replace("\n", " ")) from exc
+    source = config_from_dict(LongLlamaConfig, fields, "source")
     # Rebuild from the normalised source config (rope_theta / torch_dtype of published configs are mapped there).
     llama_fields = {k: v for k, v in source.to_dict().items() if k not in LONGLLAMA_FIELDS + SOURCE_ONLY_FIELDS}
     llama_fields["architectures"] = ["LlamaForCausalLM"]
-    try:
-        target = LlamaConfig.from_dict(llama_fields)
-    except (ValueError, TypeError) as exc:
-        raise ConversionError(f"invalid target config: {exc}".replace("\n", " ")) from exc
+    target = config_from_dict(LlamaConfig, llama_fields, "target")
     for name in LONGLLAMA_FIELDS:
         if hasattr(target, name):
             delattr(target, name)
@@ -132,7 +125,7 @@ def to_llama(
     src, dst = Path(src), Path(dst)
     check_paths(src, dst, dtype, force, dry_run)
     shard_bytes = parse_size(shard_size)
-    fields = read_source_config(src)
+    fields = read_longllama_config(src)
     source_config, target_config = build_configs(fields, dtype)
     plan = make_plan(src, source_config, dtype)
     config_json = llama_config_json(target_config)

@@ -9,30 +9,20 @@ LongLLaMA is exactly the source Llama model (memory is only written for tokens b
 """
 
 import gc
-import json
 import math
 from pathlib import Path
 
 import torch
 from transformers import LlamaForCausalLM
 
-from .convert import ConversionError, find_shards, read_headers
+from .convert import ConversionError, find_shards, read_headers, read_source_config
 
 # Verify by default only when two fp32 copies of the model take less than this share of the available memory.
 DEFAULT_MEMORY_SHARE = 0.5
 
 
 def _config_fields(path: Path) -> dict:
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ConversionError(f"{path} is not a checkpoint directory: config.json is missing.")
-    try:
-        fields = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{config_path} is not valid JSON: {exc}".replace("\n", " ")) from exc
-    if not isinstance(fields, dict):
-        raise ConversionError(f"{config_path} is not a JSON object.")
-    return fields
+    return read_source_config(path)  # a regular JSON object file inside `path`
 
 
 def _model_type(path: Path) -> str:

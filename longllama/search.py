@@ -175,6 +175,7 @@ class FilteredTopK(knn_longllama.RunningTopK):
         if self.scores is not None and scores.device != self.scores.device:  # memory blocks on several devices
             scores = scores.to(self.scores.device)
         rows, n = scores.shape
+        torch.nan_to_num(scores, -math.inf, math.inf, -math.inf, out=scores)  # NaN scores count as -inf (as in C)
         if valid is not None:  # padding: masked in place (the tile is the caller's scratch)
             scores.view(-1, rows_per_valid, n).masked_fill_(~valid.to(scores.device)[:, None, :], -math.inf)
         G = n // GROUP // 16 * 16  # keys per group, a multiple of 16: unaligned rows slow the strided max down

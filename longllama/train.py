@@ -8,8 +8,10 @@ Every batch row is one window; in the memory layers each row also attends to ear
 softmax, with gradients. The loss is plain next-token cross-entropy. Two data layouts (`longllama.data`): `fot`
 (k-packed document streams) and `memory` (memory fine-tuning: a random part of each example goes through memory).
 
-Checkpoints (`output_dir/checkpoints/step-N`) hold the model, optimizer, scheduler, RNG and data position, so
+Checkpoints (`output_dir/checkpoints/step-N`) hold the model, optimizer, scheduler, RNG and data position in
+safetensors and JSON only (`longllama.checkpoint`: nothing is pickled, and a resume refuses pickle files), so
 `--resume auto` continues exactly where the last one stopped; `output_dir/model` is a drop-in LongLLaMA checkpoint.
+Both are written beside their path and renamed into place whole.
 """
 
 import argparse
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import THREADS_HELP, start
-from .files import replace_directory
+from .files import atomic_directory, read_regular_file, replace_directory
 
 # torch, accelerate, the data pipeline and the model code are imported inside the functions that use them, so that the
 # command parses its arguments (and answers `--help`) before loading them.
@@ -79,6 +81,7 @@ class TrainConfig:
     evaluate: str | None = None  # only evaluate the positive attention mass of this checkpoint, then exit
 
 
+CHECKPOINT_FORMAT = "longllama-train-checkpoint-2"  # 2: safetensors and JSON only (1 was accelerate's pickles)
 # fields that must match for a checkpoint to be resumed: they decide the model and the exact data order
 RESUME_KEYS = ("model", "init_config", "data", "text_field", "mode", "window", "batch_size", "pack_size",
                "cross_batch_range", "cross_batch_schedule", "stepping", "positives_only", "grad_accum", "seed")
@@ -297,6 +300,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 def resolve_resume(cfg: TrainConfig, world_size: int) -> Path | None:
     """The checkpoint to resume from, checked against this run's config and process count."""
+    from .checkpoint import check_no_pickles
     if cfg.resume is None:
         return None
     path = latest_checkpoint(Path(cfg.output_dir)) if cfg.resume == "auto" else Path(cfg.resume)
@@ -305,7 +309,8 @@ def resolve_resume(cfg: TrainConfig, world_size: int) -> Path | None:
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise ValueError(f"{path} is not a longllama-train checkpoint (no trainer_state.json).")
-    state = json.loads(state_file.read_text())
+    check_no_pickles(path)
+    state = read_trainer_state(path)
     saved, now = state["config"], dataclasses.asdict(cfg)
     different = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if different:
@@ -319,24 +324,43 @@ def resolve_resume(cfg: TrainConfig, world_size: int) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_seen: int) -> None:
-    """Write `checkpoints/step-N` atomically (a temporary directory renamed at the end), then prune old ones."""
+def read_trainer_state(path: Path) -> dict:
+    """`trainer_state.json` of the checkpoint `path`, of this version's format."""
+    try:
+        state = json.loads(read_regular_file(path / "trainer_state.json", 64 << 20))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path / 'trainer_state.json'} cannot be read ({error}).") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is a checkpoint of an older longllama-train (its state was pickled): start again, "
+                         "or resume with the version that wrote it.")
+    return state
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_seen: int, model, optimizer, scheduler):
+    """Write `checkpoints/step-N` whole or not at all (a partial directory renamed into place at the end; partial
+    directories a killed run left are removed first), then prune old ones."""
+    from .checkpoint import save_state, train_state
     root = Path(cfg.output_dir) / "checkpoints"
     final, partial = root / f"step-{step}", root / f"step-{step}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in [*root.glob("step-*.partial"), *root.glob("step-*.deleting")]:  # one writer per output_dir
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    save_state(partial, model=accelerator.unwrap_model(model), optimizer=optimizer, rank=accelerator.process_index,
+               main=accelerator.is_main_process)
     (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(batches.state_dict()))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "tokens_seen": tokens_seen, "world_size": accelerator.num_processes,
-                 "config": dataclasses.asdict(cfg)}
+        state = {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
+                 "world_size": accelerator.num_processes, "config": dataclasses.asdict(cfg),
+                 **train_state(scheduler, accelerator.scaler, accelerator.step)}
         (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
         replace_directory(partial, final)
         for old in sorted(root.glob("step-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+            doomed = old.with_name(f"{old.name}.deleting")  # renamed first: never a half-deleted step-N
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
 
 
@@ -411,6 +435,7 @@ def train(cfg: TrainConfig) -> Path:
     from accelerate.utils import set_seed
     from transformers.utils import logging  # its bars honour transformers' `disable_progress_bar()`
 
+    from .checkpoint import check_engine, load_state, whole_state
     from .data import load_tokenizer
     from .evaluation import positive_attention_mass
     from .modeling import LongLlamaForCausalLM
@@ -429,6 +454,9 @@ def train(cfg: TrainConfig) -> Path:
         os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" for engine in ("FSDP", "DEEPSPEED")
     ):
         accelerator.print("longllama-train: warning: FSDP and DeepSpeed need GPUs; without one this runs plain DDP.")
+    resumable = whole_state(accelerator.distributed_type)
+    if not resumable and (cfg.save_every or cfg.resume):
+        check_engine(accelerator.distributed_type)  # raises: resumable checkpoints need the whole state per process
     resume_from = resolve_resume(cfg, accelerator.num_processes)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model or Path(cfg.init_config).parent)
     batches = make_batches(cfg, tokenizer, window, accelerator.process_index, accelerator.num_processes,
@@ -449,15 +477,15 @@ def train(cfg: TrainConfig) -> Path:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours to save (no pickles)
 
     step, tokens_seen = 0, 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        state = read_trainer_state(resume_from)
+        accelerator.step = load_state(resume_from, state, model=accelerator.unwrap_model(model), optimizer=optimizer,
+                                      scheduler=scheduler, scaler=accelerator.scaler, rank=accelerator.process_index)
         data_file = resume_from / f"data-rank{accelerator.process_index}.json"
         batches.load_state_dict(json.loads(data_file.read_text()))
-        state = json.loads((resume_from / "trainer_state.json").read_text())
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"Resumed from {resume_from} at step {step}.")
     eval_docs = eval_documents(cfg, tokenizer, window) if cfg.eval_every else None
@@ -516,7 +544,8 @@ def train(cfg: TrainConfig) -> Path:
                     progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens)
+                save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens, model, optimizer,
+                                scheduler)
     except KeyboardInterrupt:
         accelerator.print(
             f"\nInterrupted at step {step}. Checkpoints are written atomically: rerun with --resume auto to continue "
@@ -526,15 +555,17 @@ def train(cfg: TrainConfig) -> Path:
     finally:
         progress.close()
 
-    # ---- final checkpoints: resumable state and a drop-in model
-    save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens)
+    # ---- final checkpoints: resumable state (one process or DDP) and a drop-in model
+    if resumable:
+        save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens, model, optimizer, scheduler)
     final = Path(cfg.output_dir) / "model"
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP / ZeRO-3 gather the shards)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.use_cache = True
-        unwrapped.save_pretrained(final, state_dict=state_dict)
-        tokenizer.save_pretrained(final)
+        with atomic_directory(final, mode=0o755) as partial:  # the previous model stays whole until this one is in
+            unwrapped.save_pretrained(partial, state_dict=state_dict)
+            tokenizer.save_pretrained(partial)
     accelerator.wait_for_everyone()
     accelerator.print(f"Final model: {final}")
     return final
@@ -566,8 +597,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"distractors": cfg.eval_distractors, **result}))
         else:
             train(cfg)
-    except ValueError as error:
-        print(f"longllama-train: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input, or a write that failed (checkpoints stay whole)
+        print(f"longllama-train: error: {error}".replace("\n", " "), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -6,6 +6,8 @@ Every layer keeps its *local context* (`LocalCacheLayer`: the rotated keys and v
 (`MemoryCacheLayer`, holding a `LayerMemory`).
 """
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -202,7 +204,7 @@ class LongLlamaCache(Cache):
         self.batch_size_: int | None = None
         self.interrupted = False  # a call was interrupted half way: the session must be reset
         self.model_ref = None  # weak reference to the model that fills the cache (`save` fingerprints it)
-        self.model_fingerprint = None  # or the fingerprint itself (a loaded session)
+        self.model_fingerprint = None  # or the identity of that model (a loaded session; `longllama.identity`)
 
     @property
     def local_length(self) -> int:
@@ -272,10 +274,20 @@ class LongLlamaCache(Cache):
             self.position_origin = fn(self.position_origin)
             self.batch_size_ = self.local_valid.shape[0]
 
+    def bind(self, model) -> None:
+        """Called by `model` before it first uses this cache: a session filled by another model object is continued
+        only by a model of the same weights (the package compares identities; without it, refused)."""
+        if SESSION_STORE is not None:
+            SESSION_STORE.bind_model(self, model)
+        elif self.seen_tokens > 0:
+            raise ValueError("This LongLlamaCache was filled by another model: continue it with that model, or start "
+                             "a new session with cache=None.")
+        self.model_ref = weakref.ref(model)
+
     def save(self, path, model=None) -> None:
-        """Save the session to the directory `path` (`memory.safetensors` + `session.json`) to reuse it later with
+        """Save the session to the directory `path` (a tensors file + `session.json`) to reuse it later with
         `LongLlamaCache.load(path, model)`: ingest a document once, ask many questions. `model` defaults to the model
-        that filled the cache; its fingerprint is saved so that the session never loads into another model."""
+        that filled the cache; its identity is saved so that the session never loads into another model."""
         _session_store().save_session(self, path, model if model is not None else self.model_ref and self.model_ref())
 
     @classmethod

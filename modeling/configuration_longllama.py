@@ -15,6 +15,12 @@ from .compat_longllama import STRICT_CONFIGS, config_class
 MEM_DTYPES = ("bfloat16", "float16", "float32", "float64", "int8")
 MEM_INDEXES = ("exact", "faiss", "hnswlib")
 MEM_ATTENTION_IMPLEMENTATIONS = ("blockwise", "eager", "sdpa")
+# Fields checked by `validate_longllama` whenever they are set after construction: ours and the window.
+VALIDATED_ON_SET = (
+    "mem_layers", "mem_positionals", "mem_dtype", "mem_attention_grouping", "mem_attention_implementation",
+    "last_context_length", "mem_top_k", "mem_index", "mem_index_options", "mem_max_tokens", "mem_keep_first",
+    "mem_device", "torch_attention", "gradient_checkpoint_every_ith", "max_position_embeddings",
+)
 
 # The code files that ship in every checkpoint directory (see `save_pretrained`).
 AUTO_MAP = {
@@ -85,6 +91,23 @@ class LongLlamaConfig(LlamaConfig):
         if not self.architectures:
             self.architectures = ["LongLlamaForCausalLM"]
         self.validate_longllama()
+        self._post_init_done = True  # from here on, LongLLaMA fields are validated when set (transformers' flag)
+
+    def __setattr__(self, name, value):
+        # diff vs Llama: a LongLLaMA field or the window set after construction is validated at once (and undone)
+        old = self.__dict__.get(name)
+        super().__setattr__(name, value)
+        if name in VALIDATED_ON_SET and self.__dict__.get("_post_init_done"):
+            try:
+                self.validate_longllama()
+            except (ValueError, TypeError):
+                super().__setattr__(name, old)
+                raise
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("_post_init_done", None)  # diff vs Llama: our flag above (transformers < 5.24 would save it)
+        return output
 
     @property
     def mem_torch_dtype(self) -> torch.dtype:
@@ -92,6 +115,10 @@ class LongLlamaConfig(LlamaConfig):
 
     def validate_longllama(self):
         """Raise a `ValueError` naming the bad value of any LongLLaMA field (also called by the model)."""
+        if not isinstance(self.mem_layers, list) or not all(
+            isinstance(idx, int) and not isinstance(idx, bool) for idx in self.mem_layers
+        ):
+            raise ValueError(f"mem_layers={self.mem_layers!r} must be a list of layer indices (integers).")
         for idx in self.mem_layers:
             if not 0 <= idx < self.num_hidden_layers:
                 raise ValueError(

@@ -204,7 +204,7 @@ class RunningTopK:
 
     def push(self, scores: torch.Tensor, first_id: int, valid: torch.Tensor | None = None, rows_per_valid: int = 1):
         rows, n = scores.shape
-        scores = scores.to(self.scores.device)
+        scores = scores.to(self.scores.device).nan_to_num(-math.inf, math.inf, -math.inf)  # NaN never wins (= kernel)
         if valid is not None:
             hidden = ~valid.to(scores.device).repeat_interleave(rows_per_valid, 0)
             scores = scores.masked_fill(hidden, -math.inf)

@@ -298,8 +298,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError(f"last_context_length={last_context_length} must be a positive number of tokens.")
         inputs = input_ids if input_ids is not None else inputs_embeds
         batch_size, num_tokens = inputs.shape[:2]
-        if num_tokens == 0:
-            raise ValueError("The input has no tokens.")
+        if num_tokens == 0 or batch_size == 0:
+            raise ValueError(f"The input is empty (shape {list(inputs.shape[:2])}): pass at least one row and token.")
         if cross_batch_rows is not None:
             _cross_batch().check_rows(cross_batch_rows, cache, batch_size, num_tokens, self.window_size)
             use_cache, last_context_length = False, num_tokens  # each row is one window; nothing is remembered
@@ -448,8 +448,6 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
         else:
             session = cache
-            if session.model_ref is None:  # a cache made by the user: `save` fingerprints the model that fills it
-                session.model_ref = weakref.ref(self)
             if session.interrupted:
                 raise ValueError(
                     "An earlier call on this LongLlamaCache was interrupted, so its session is incomplete: call "
@@ -461,6 +459,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
                     f"{session.fingerprint} than this one {cache_fingerprint(self.config)} "
                     "(layers, mem_layers, kv heads, head_dim, window, mem_dtype): start a new session with cache=None."
                 )
+            if session.model_ref is None or session.model_ref() is not self:  # whose session is it? (identity)
+                session.bind(self)
         if session.batch_size_ is None:
             session.batch_size_ = batch_size
         elif session.batch_size_ != batch_size:
@@ -608,13 +608,13 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
         """`lm_head(hidden_states)`. diff vs Llama: for the one row of a decode step on the CPU, where torch's
         matrix-vector product runs on one thread, the head is cut into one slice per thread and applied as a batched
         product (the same dot products): the head is the largest weight a decode step reads."""
-        head, threads = self.lm_head, torch.get_num_threads()
-        weight = head.weight
+        head = self.lm_head
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or hidden_states.shape[:-1].numel() != 1:
+            return head(hidden_states)
+        weight, threads = head.weight, torch.get_num_threads()
         if (
-            hidden_states.shape[:-1].numel() != 1 or weight.device.type != "cpu" or threads < 2
-            or weight.shape[0] % threads or type(head) is not nn.Linear or head.bias is not None
-            or head._forward_hooks or head._forward_pre_hooks or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
+            weight.device.type != "cpu" or threads < 2 or weight.shape[0] % threads or type(head) is not nn.Linear
+            or head.bias is not None or head._forward_hooks or head._forward_pre_hooks
         ):
             return head(hidden_states)
         rows = hidden_states.reshape(1, 1, -1).expand(threads, 1, -1).to(weight.dtype)

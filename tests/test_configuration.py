@@ -93,6 +93,34 @@ def test_validation_raises_value_error_naming_the_value(overrides, named):
     assert named in str(info.value)
 
 
+SET_AFTER_CONSTRUCTION = [
+    ("mem_max_tokens", 5, "mem_max_tokens=5"),
+    ("mem_layers", [7], "mem_layers contains 7"),
+    ("mem_dtype", "bf16", "bf16"),
+    ("mem_top_k", 0, "mem_top_k=0"),
+    ("mem_keep_first", 20, "mem_keep_first=20"),
+    ("last_context_length", 0, "last_context_length=0"),
+    ("max_position_embeddings", 20, "mem_max_tokens=16"),  # a bounded memory must hold a window
+]
+
+
+@pytest.mark.parametrize("name, value, named", SET_AFTER_CONSTRUCTION, ids=[c[0] for c in SET_AFTER_CONSTRUCTION])
+def test_a_field_set_after_construction_is_validated_and_left_unchanged(tmp_path, name, value, named):
+    """On a new config and on one loaded from config.json: the bad value raises and the config keeps its old one."""
+    config = tiny_config(mem_max_tokens=16)
+    config.save_pretrained(tmp_path)
+    for target in (config, LongLlamaConfig.from_pretrained(tmp_path)):
+        before = getattr(target, name)
+        with pytest.raises(ValueError, match=named):
+            setattr(target, name, value)
+        assert getattr(target, name) == before
+        target.validate_longllama()
+    config.mem_max_tokens = None  # a good value is taken
+    config.last_context_length = 8
+    assert (config.mem_max_tokens, config.last_context_length) == (None, 8)
+    assert "_post_init_done" not in json.loads(config.to_json_string())
+
+
 def test_valid_non_default_values_are_accepted():
     config = tiny_config(
         mem_layers=[3, 0],

@@ -385,7 +385,74 @@ def break_missing_tensor(src):
     save_file(kept, shard, metadata={"format": "pt"})
 
 
+def edit_json(path, edit):
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def break_not_utf8(src):
+    (src / "config.json").write_bytes(b'{"model_type": "llama", "name": "\xff\xfe"}')
+
+
+def break_config_not_object(src):
+    (src / "config.json").write_text("[1, 2, 3]")
+
+
+def break_index_is_a_list(src):
+    (src / "model.safetensors.index.json").write_text('["model-00001-of-00002.safetensors"]')
+
+
+def break_index_values_not_strings(src):
+    edit_json(src / "model.safetensors.index.json", lambda index: dict(index, weight_map={"model.norm.weight": 5}))
+
+
+def break_mem_layers_not_a_list(src):
+    edit_json(src / "config.json", lambda config: dict(config, model_type="longllama", mem_layers="abc"))
+
+
+def index_naming(name):
+    def damage(src):
+        shard = first_shard(src)
+        shutil.move(shard, src.parent / "x.safetensors")  # outside SRC: must never be read
+        edit_json(src / "model.safetensors.index.json", lambda index: dict(
+            index, weight_map={k: name if v == shard.name else v for k, v in index["weight_map"].items()}
+        ))
+
+    return damage
+
+
+def break_shard_symlinked_outside(src):
+    shard = first_shard(src)
+    shutil.move(shard, src.parent / "x.safetensors")
+    shard.symlink_to(src.parent / "x.safetensors")
+
+
+def break_config_symlinked_to_a_device(src):
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to("/dev/zero")
+
+
+def break_config_is_a_fifo(src):
+    (src / "config.json").unlink()
+    os.mkfifo(src / "config.json")
+
+
+def break_tokenizer_symlinked_outside(src):
+    (src / "tokenizer.model").symlink_to("/etc/passwd")
+
+
 BAD_INPUTS = {
+    "not_utf8": (break_not_utf8, {}, "config.json is not UTF-8 text"),
+    "config_not_object": (break_config_not_object, {}, "config.json holds a JSON list, not an object"),
+    "index_is_a_list": (break_index_is_a_list, {}, "index.json holds a JSON list, not an object"),
+    "index_values_not_strings": (break_index_values_not_strings, {}, "has no weight_map from tensor names"),
+    "mem_layers_abc": (break_mem_layers_not_a_list, {}, "invalid target config: .*mem_layers"),
+    "index_parent_path": (index_naming("../x.safetensors"), {}, "'../x.safetensors' is listed in .* not a file name"),
+    "index_absolute_path": (index_naming("/etc/passwd"), {}, "'/etc/passwd' is listed in .* not a file name"),
+    "shard_symlinked_outside": (break_shard_symlinked_outside, {}, "leads outside the source directory"),
+    "config_symlinked_to_a_device": (break_config_symlinked_to_a_device, {}, "config.json leads outside"),
+    "config_is_a_fifo": (break_config_is_a_fifo, {}, "config.json is not a regular file"),
+    "tokenizer_symlinked_outside": (break_tokenizer_symlinked_outside, {}, "tokenizer.model leads outside"),
+    "last_context_length_above_window": (None, {"last_context_length": 17}, "last_context_length 17 is longer than the window"),
     "missing_src": (break_missing_src, {}, "is not a directory"),
     "no_config": (break_no_config, {}, "config.json is missing"),
     "no_weights": (break_no_weights, {}, "has no weights"),
@@ -416,6 +483,18 @@ def test_bad_input_raises_and_leaves_nothing(source, tmp_path, case):
         convert(src, out / "dst", **options)
     assert "\n" not in str(info.value)
     assert list(out.iterdir()) == []
+
+
+def test_hugging_face_cache_snapshot_reads_its_blobs(source, tmp_path):
+    """A Hugging Face cache snapshot links its files to the repository's blobs/: those may be read, nothing else."""
+    repo = tmp_path / "models--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for path in source.iterdir():
+        shutil.copy2(path, repo / "blobs" / path.name)
+        (snapshot / path.name).symlink_to(Path("../../blobs") / path.name)
+    assert (convert(snapshot, tmp_path / "dst") / "config.json").is_file()
 
 
 def test_existing_dst_without_force(source, tmp_path):

@@ -238,6 +238,20 @@ def test_bad_source_weights_leave_nothing(converted, tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_to_llama_reads_nothing_outside_src(converted, tmp_path):
+    """The reverse direction uses the same guarded reads: a generation config linked out of SRC is refused."""
+    _, long_dir = converted
+    src = Path(shutil.copytree(long_dir, tmp_path / "src"))
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (src / "generation_config.json").unlink()
+    (src / "generation_config.json").symlink_to(tmp_path / "elsewhere.json")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match="generation_config.json leads outside the source directory"):
+        to_llama(src, out / "dst")
+    assert list(out.iterdir()) == []
+
+
 def test_existing_dst_without_force(converted, tmp_path):
     _, long_dir = converted
     dst = tmp_path / "dst"

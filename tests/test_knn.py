@@ -195,6 +195,25 @@ def test_exact_padding_is_never_returned(exact_path):
     assert index.ntotal == 600  # padding takes an id
 
 
+def test_exact_nan_scores_are_never_returned(exact_path):
+    """A NaN score (a NaN in a memory key, or a query) counts as -inf in every exact path: such keys are never
+    returned, and a query whose scores are all NaN gets no result (-1), as the C kernel's ordered comparisons give."""
+    memory = Memory(B=2, n=700, padding=0.1)
+    memory.keys[0, :, 10:40] = math.nan
+    memory.keys[1, 1, 300] = math.nan
+    index = memory.index("exact")
+    queries = memory.queries()
+    queries[1, 2, 0, 3] = math.nan
+    scores, ids = index.search(queries, 30)
+    keys = memory.keys.nan_to_num(nan=0.0)  # then mask NaN scores: the same ground truth without NaN arithmetic
+    expected_scores = (queries @ memory.keys.transpose(-1, -2))
+    hidden = expected_scores.isnan() | ~memory.valid[:, None, None, :]
+    expected = (queries.nan_to_num(0.0) @ keys.transpose(-1, -2)).masked_fill(hidden, -math.inf).topk(30)
+    assert_same((scores, ids), (expected.values, expected.indices.masked_fill(expected.values == -math.inf, -1)))
+    assert not scores.isnan().any() and (ids[1, 2, 0] == -1).all()
+    assert not ((ids[0] >= 10) & (ids[0] < 40)).any() and not (ids[1, 1] == 300).any()
+
+
 def test_exact_beam_rows(exact_path):
     """Query rows repeated per beam (`arange(B).repeat_interleave(G)`) search their memory row."""
     memory = Memory()

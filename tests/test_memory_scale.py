@@ -1,6 +1,8 @@
 """Memory at scale (docs/inference.md#beyond, docs/memory.md, issue 6): kNN top-k retrieval, bounded memory, int8
 storage, offload, saved sessions, beam search sharing one memory, device maps."""
 
+import copy
+import hashlib
 import json
 import os
 
@@ -123,6 +125,32 @@ def test_top_k_kernel_never_selects_padding():
         found = ids[b][ids[b] >= 0]
         assert bool(valid[b, found].all())  # ids are positions: no eviction here
         assert int((ids[b, 0, 0] >= 0).sum()) == int(valid[b].sum())  # every valid entry, then -1 slots
+
+
+def test_top_k_with_nan_in_memory_is_the_same_with_the_kernel_and_torch(monkeypatch):
+    """Memory keys that hold NaN (an overflow upstream) are never retrieved: the compiled kernel and both torch paths
+    agree (NaN scores count as -inf), and the answer stays finite."""
+    from longllama import kernels
+    from longllama.modeling import knn_longllama
+
+    model = tiny_model(1, mem_layers=[1, 2], mem_top_k=3)
+    cache = run(model, random_ids(1, L + 4 * W, seed=21)).cache
+    for layer in memory_layers(cache):
+        chunk = next(layer.memory_store.chunks())[1]
+        chunk.keys.view()[0, 1, 2:9] = float("nan")
+    question = random_ids(1, 3, seed=22)
+    results = {}
+    for path in ("kernel", "torch", "reference"):
+        session = copy.deepcopy(cache)
+        with monkeypatch.context() as patch:
+            if path == "torch":
+                patch.setattr(kernels, "_module", None)
+            if path == "reference":
+                patch.setitem(knn_longllama.INDEX_BACKENDS, "exact", knn_longllama.ExactIndex)
+            results[path] = run(model, question, cache=session).logits
+    assert results["kernel"].isfinite().all()
+    assert max_err(results["torch"], results["kernel"]) < 1e-5
+    assert max_err(results["reference"], results["kernel"]) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,7 +284,7 @@ def test_saved_session_continues_exactly(tmp_path, overrides):
     document, question = random_ids(2, L + 7 * W + 3, seed=12), random_ids(2, 11, seed=13)
     cache = run(model, document).cache
     cache.save(tmp_path / "session")
-    assert sorted(os.listdir(tmp_path / "session")) == ["memory.safetensors", "session.json"]
+    assert sorted(os.listdir(tmp_path / "session")) == [tensors_file(tmp_path / "session").name, "session.json"]
     expected = run(model, question, cache=cache).logits
     loaded = LongLlamaCache.load(tmp_path / "session", reloaded)
     assert loaded.get_seq_length() == document.shape[1]
@@ -269,9 +297,9 @@ def test_saved_session_continues_exactly(tmp_path, overrides):
 def test_session_of_another_model_is_refused(tmp_path):
     model = tiny_model(1, mem_layers=[1, 2])
     run(model, random_ids(1, 30)).cache.save(tmp_path / "session")
-    with pytest.raises(ValueError, match="another configuration.*mem_layers"):
+    with pytest.raises(ValueError, match="another model .configuration mem_layers: saved .1, 2., this model .1."):
         LongLlamaCache.load(tmp_path / "session", tiny_model(1, mem_layers=[1]))
-    with pytest.raises(ValueError, match="other weights"):
+    with pytest.raises(ValueError, match=r"another model \(embeddings and weights of layers 0, 1, 2, 3 differ\)"):
         LongLlamaCache.load(tmp_path / "session", tiny_model(2, mem_layers=[1, 2]))
 
 
@@ -280,7 +308,7 @@ def test_corrupted_or_missing_session_is_refused(tmp_path):
     run(model, random_ids(1, 30)).cache.save(tmp_path / "session")
     with pytest.raises(FileNotFoundError, match="No saved LongLLaMA session"):
         LongLlamaCache.load(tmp_path / "nowhere", model)
-    tensors = tmp_path / "session" / "memory.safetensors"
+    tensors = tensors_file(tmp_path / "session")
     data = bytearray(tensors.read_bytes())
     data[-5] ^= 0xFF
     tensors.write_bytes(bytes(data))
@@ -291,10 +319,13 @@ def test_corrupted_or_missing_session_is_refused(tmp_path):
         LongLlamaCache.load(tmp_path / "session", model)
 
 
-@pytest.mark.parametrize("edit", ["segment", "chunks", "layers", "length"])
+@pytest.mark.parametrize("edit", ["segment", "chunks", "layers", "length", "seen_tokens"])
 def test_hand_edited_session_file_is_refused(tmp_path, edit):
-    """`session.json` edited so that it no longer describes the (intact) tensors: a clear error, never a crash deep
-    inside loading or a cache that silently differs."""
+    """`session.json` edited so that it no longer describes the (intact) tensors is refused: the tensors file carries
+    a checksummed copy of it. Crafted to match (both files rewritten, checksum updated), the layout is still checked:
+    a clear error, never a crash deep inside loading or a cache that silently differs."""
+    from safetensors.torch import load_file, save_file
+
     model = tiny_model(1, mem_layers=[1, 2])
     run(model, random_ids(1, L + 3 * W)).cache.save(tmp_path / "session")
     path = tmp_path / "session" / "session.json"
@@ -306,27 +337,50 @@ def test_hand_edited_session_file_is_refused(tmp_path, edit):
         state["chunks"].append({"segment": 0, "first_id": 999, "limit": 64})
     elif edit == "layers":
         session["layers"][1] = None
-    else:
+    elif edit == "length":
         state["length"] += 1
+    else:
+        session["seen_tokens"] = 2**63
+    path.write_text(json.dumps(session))
+    with pytest.raises(ValueError, match="session.json was changed after the session was saved"):
+        LongLlamaCache.load(tmp_path / "session", model)
+    tensors_path = tensors_file(tmp_path / "session")
+    described = {key: value for key, value in session.items() if key not in ("tensors", "sha256")}
+    save_file(load_file(tensors_path), tensors_path, metadata={"format": "longllama-session",
+                                                               "session": json.dumps(described)})
+    session["sha256"] = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
     path.write_text(json.dumps(session))
     with pytest.raises(ValueError, match="consistent LongLLaMA session"):
         LongLlamaCache.load(tmp_path / "session", model)
 
 
 def test_save_never_overwrites_other_data_and_replaces_a_session_whole(tmp_path):
+    """A directory of the user's files takes a session beside them; a re-save replaces only the session's own files;
+    a directory whose session.json is not a session is refused."""
     model = tiny_model(1, mem_layers=[1, 2])
     cache = run(model, random_ids(1, 30)).cache
-    other = tmp_path / "photos"
-    other.mkdir()
-    (other / "cat.jpg").write_bytes(b"meow")
-    with pytest.raises(FileExistsError, match="not a saved LongLLaMA session"):
-        cache.save(other)
-    assert (other / "cat.jpg").read_bytes() == b"meow"
-    cache.save(tmp_path / "session")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"meow")
+    cache.save(photos)
     bigger = run(model, random_ids(1, 60, seed=1)).cache
-    bigger.save(tmp_path / "session")
-    assert json.loads((tmp_path / "session" / "session.json").read_text())["seen_tokens"] == 60
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "session"]  # no partial directories left
+    bigger.save(photos)
+    assert (photos / "cat.jpg").read_bytes() == b"meow"
+    assert sorted(os.listdir(photos)) == ["cat.jpg", tensors_file(photos).name, "session.json"]
+    assert LongLlamaCache.load(photos, model).get_seq_length() == 60
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "session.json").write_text('{"meeting": "tuesday"}')
+    with pytest.raises(FileExistsError, match="not a readable LongLLaMA session"):
+        cache.save(notes)
+    assert (notes / "session.json").read_text() == '{"meeting": "tuesday"}' and len(os.listdir(notes)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "photos"]  # no partial directories left
+
+
+def tensors_file(directory):
+    """The tensors file of the session saved in `directory` (`memory.<16 hex>.safetensors`)."""
+    (path,) = directory.glob("memory.*.safetensors")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -475,6 +475,7 @@ BAD_INPUTS = {
     "cache_other_batch_size": (lambda m, ids: m(ids, cache=_batch_two_cache(m)), "batch size 2"),
     "cache_without_use_cache": (lambda m, ids: m(ids, cache=_batch_two_cache(m), use_cache=False), "use_cache"),
     "last_context_length_zero": (lambda m, ids: m(ids, last_context_length=0), "last_context_length=0"),
+    "empty_batch": (lambda m, ids: m(ids[:0]), r"input is empty \(shape \[0, 5\]\)"),
     "ids_and_embeds": (lambda m, ids: m(ids, inputs_embeds=m.model.embed_tokens(ids)), "exactly one"),
     "no_ids_no_embeds": (lambda m, ids: m(attention_mask=torch.ones(1, 5)), "exactly one"),
     "dynamic_cache": (lambda m, ids: m(ids, cache=_llama_dynamic_cache(m)), "LongLlamaCache"),

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -295,11 +296,14 @@ def test_exact_resume(run_a, run_b):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # the checkpoints match too (optimizer included)
-    a6 = torch.load(run_a / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
-    b6 = torch.load(output_b / "checkpoints" / "step-6" / "optimizer.bin", weights_only=False)
-    for key, state in a6["state"].items():
-        assert torch.equal(state["exp_avg"], b6["state"][key]["exp_avg"])
+    # the checkpoints match too (optimizer included), and hold safetensors and JSON only
+    a6 = load_file(run_a / "checkpoints" / "step-6" / "optimizer.safetensors")
+    b6 = load_file(output_b / "checkpoints" / "step-6" / "optimizer.safetensors")
+    assert a6.keys() == b6.keys() and any(key.endswith(".exp_avg") for key in a6)
+    for key in a6:
+        assert torch.equal(a6[key], b6[key]), key
+    for checkpoint in (run_a / "checkpoints" / "step-6", output_b / "checkpoints" / "step-3"):
+        assert {p.suffix for p in checkpoint.iterdir()} == {".json", ".safetensors"}
     for step in (3, 6):
         data_a = (run_a / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
         data_b = (output_b / "checkpoints" / f"step-{step}" / "data-rank0.json").read_text()
@@ -312,6 +316,63 @@ def test_exact_resume(run_a, run_b):
     assert log_b[0]["loss"] == pytest.approx((log_a[1]["loss"] + log_a[2]["loss"]) / 2, rel=1e-6)
     assert log_b[3]["loss"] == pytest.approx((log_a[5]["loss"] + log_a[6]["loss"]) / 2, rel=1e-6)
     assert log_b[3]["tokens_seen"] == log_a[6]["tokens_seen"] == 6 * 8 * WINDOW
+
+
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pt"])
+def test_resume_refuses_a_planted_pickle(ws, run_a, tmp_path, capsys, planted):
+    """A pickle planted in a checkpoint (what accelerate's load_state would have unpickled) is refused before anything
+    is loaded, in one line; the payload never runs."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    witness = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(witness), "w"))
+
+    (copy / "checkpoints" / "step-6" / planted).write_bytes(pickle.dumps(Payload()))
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert f"{planted} is a pickle file" in err and err.count("\n") == 1, err
+    assert not witness.exists() and not (copy / "model").exists()
+
+
+def test_resume_refuses_an_old_accelerate_checkpoint(ws, run_a, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    state_file = copy / "checkpoints" / "step-6" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["format"]
+    state_file.write_text(json.dumps(state))
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    assert "older longllama-train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated_model", "missing_rng"])
+def test_resume_from_a_damaged_checkpoint_is_one_line(ws, run_a, tmp_path, capsys, damage):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_a / "checkpoints", copy / "checkpoints")
+    checkpoint = copy / "checkpoints" / "step-6"
+    if damage == "truncated_model":
+        data = (checkpoint / "model.safetensors").read_bytes()
+        (checkpoint / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        (checkpoint / "rng-rank0.safetensors").unlink()
+    assert main(ws.args(copy, "--steps", 8, "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "step-6" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_resume_checkpoint_engines():
+    from accelerate.utils import DistributedType
+
+    from longllama.checkpoint import check_engine, whole_state
+
+    assert whole_state(DistributedType.NO) and whole_state(DistributedType.MULTI_CPU)
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        assert not whole_state(engine)
+        with pytest.raises(ValueError, match="--save-every 0"):
+            check_engine(engine)
 
 
 def test_resumed_log_window_loss(run_a, run_b):
@@ -662,6 +723,32 @@ def test_ddp_two_cpu_processes(ws, tmp_path, launcher):
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(output / "model")) is LongLlamaForCausalLM
+
+
+@pytest.mark.slow
+def test_ddp_resume_is_exact(ws, tmp_path):
+    """DDP on 2 CPU processes, interrupted after 2 steps and resumed to 4, ends with the model of an uninterrupted
+    4-step run: every process restores its own RNG and data position from safetensors and JSON."""
+    env = _launch_env(tmp_path)
+    env.pop("ACCELERATE_USE_CPU", None)
+
+    def launch(output, steps, *extra):
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--main_process_port",
+                   str(29600 + os.getpid() % 1000), "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                   "no", "--dynamo_backend", "no", "-m", "longllama.train",
+                   *ws.args(output, "--steps", steps, "--log-every", 2, "--batch-size", 4, "--save-every", 2, *extra)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=500)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    launch(tmp_path / "whole", 4)
+    launch(tmp_path / "resumed", 2)
+    launch(tmp_path / "resumed", 4, "--resume", "auto")
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step-2"
+    assert {p.name for p in checkpoint.glob("rng-rank*")} == {f"rng-rank{r}.{s}" for r in (0, 1)
+                                                               for s in ("json", "safetensors")}
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # =========================================================================== positive attention mass

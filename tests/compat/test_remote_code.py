@@ -82,3 +82,20 @@ def test_second_generate_continues_the_session(case):
     history = torch.cat([first.sequences, ref["prompt2"]], dim=1)
     continued = model.generate(history, **{CACHE: getattr(first, CACHE)}, max_new_tokens=8, do_sample=False)
     assert torch.equal(continued, ref["continued"]), (continued[:, -8:], ref["continued"][:, -8:])
+
+
+def test_config_fields_are_validated_when_set(case, tmp_path):
+    """The remote-code config validates a LongLLaMA field set after construction (the `__setattr__` of
+    configuration_longllama.py, on strict dataclass configs and on the `__init__` shim of older versions alike), keeps
+    the old value, and saves no flag of its own."""
+    import json
+
+    config = case[0].config
+    with pytest.raises(ValueError, match="mem_max_tokens=5"):
+        config.mem_max_tokens = 5
+    with pytest.raises(ValueError, match="last_context_length"):
+        config.last_context_length = config.max_position_embeddings + 1
+    assert config.mem_max_tokens is None
+    config.save_pretrained(tmp_path)
+    assert "_post_init_done" not in json.loads((tmp_path / "config.json").read_text())
+
