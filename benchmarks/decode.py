@@ -60,6 +60,7 @@ def fill_session(torch, model, tokens: int, index: str):
 
     config = model.config
     cache = LongLlamaCache(config)
+    cache.bind(model)  # the session is this model's, though filled by hand
     generator = torch.Generator().manual_seed(tokens)
     shape = (1, config.num_key_value_heads, 0, config.head_dim)
     for idx in config.mem_layers:
