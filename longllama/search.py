@@ -35,7 +35,6 @@ FUSED_QUERIES = 128
 MATVEC_SPLIT = 8
 
 
-
 def candidates(k: int) -> int:
     """Candidates a query keeps in the kernel for a top-k of `k` (`cap` in the C source): 2k + 16."""
     return 2 * k + 16
@@ -279,9 +278,10 @@ class ExactIndex(knn_longllama.ExactIndex):
             valid = None if valid is None else valid.cpu()
             if R <= FUSED_QUERIES and D % 8 == 0 and keys.dtype in kernels.DTYPES and D <= kernels.MAX_D:
                 return top.scan(q, keys, first_id, valid)  # bf16 keys are read as stored, widened in the kernel
-        scores = self._score_tile(Bm * H * R * keys.shape[2], keys.device).view(Bm, H, R, keys.shape[2])
-        _inner_products(q.to(keys.device, torch.float32), keys.float(), out=scores)
-        top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
+        super()._offer(top, q, keys, first_id, valid)  # a score tile (`_products`), then the running top-k
+
+    def _products(self, q, keys, out):
+        _inner_products(q, keys, out)
 
     def _score_tile(self, numel, device):
         # on the CPU a fresh tile costs page faults on every search, as much as a decode step's matrix-vector product

@@ -222,7 +222,7 @@ class ExactIndex(MemoryIndex):
     Scores are fp32 matmul tiles of about `SCORE_TILE` entries, computed on the memory's device; each tile is offered
     to a running top-k. Beam-search rows (`arange(B).repeat_interleave(G)`) are folded into the query axis, so keys
     are never copied; other `rows` gather the keys of each tile. Options: none. The package's subclass
-    (longllama/search.py) overrides the hooks `_running_top_k`, `_offer` and `_score_tile` to go faster.
+    (longllama/search.py) overrides the hooks `_running_top_k`, `_offer`, `_products` and `_score_tile` to go faster.
     """
 
     name = "exact"
@@ -266,8 +266,12 @@ class ExactIndex(MemoryIndex):
         `[Bm, n]` bool or None for all) to the running top-k `top`."""
         Bm, H, R, _ = q.shape
         scores = self._score_tile(Bm * H * R * keys.shape[2], keys.device).view(Bm, H, R, keys.shape[2])
-        torch.matmul(q.to(keys.device, torch.float32), keys.float().transpose(-1, -2), out=scores)
+        self._products(q.to(keys.device, torch.float32), keys.float(), scores)
         top.push(scores.view(Bm * H * R, -1), first_id, valid, rows_per_valid=H * R)
+
+    def _products(self, q: torch.Tensor, keys: torch.Tensor, out: torch.Tensor) -> None:
+        """`out [Bm, H, R, n] = q [Bm, H, R, D] @ keys [Bm, H, n, D]^T`, all float32."""
+        torch.matmul(q, keys.transpose(-1, -2), out=out)
 
     def _running_top_k(self, rows: int, k: int, device: torch.device) -> RunningTopK:
         return RunningTopK(rows, k, device)
