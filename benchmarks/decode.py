@@ -88,14 +88,13 @@ def memory_bytes(config, tokens: int, mode: str) -> int:
     return layers * (tokens * entry + selected) if mode == "top-k" else layers * selected
 
 
-def llama_session(torch, model):
-    """Stock `LlamaForCausalLM` with `model`'s weights after a LOCAL-token prompt: (model, DynamicCache, next token)."""
-    from long_prompt import CONFIG, random_prompt
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+def llama_session(torch):
+    """Stock `LlamaForCausalLM` with the benchmark model's weights (`long_prompt.build_llama`) after a LOCAL-token
+    prompt: (model, DynamicCache, next token)."""
+    from long_prompt import build_llama, random_prompt
+    from transformers import DynamicCache
 
-    fields = {k: v for k, v in CONFIG.items() if k not in ("mem_layers", "last_context_length")}
-    llama = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).eval()
-    llama.load_state_dict(model.state_dict(), strict=True, assign=True)
+    llama = build_llama(LOCAL)
     cache = DynamicCache()
     with torch.no_grad():
         out = llama(random_prompt(LOCAL), past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -125,7 +124,7 @@ def measure(tokens: int, args, model, torch, with_llama: bool) -> dict:
         "approximate": lambda: model(token, cache=sessions["approximate"], logits_to_keep=1, mem_top_k=TOP_K),
     }
     if with_llama:
-        llama, sessions["llama"], llama_token = llama_session(torch, model)
+        llama, sessions["llama"], llama_token = llama_session(torch)
         steps["llama"] = lambda: llama(llama_token, past_key_values=sessions["llama"], logits_to_keep=1)
 
     def run(mode: str) -> float:

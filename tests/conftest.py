@@ -2,6 +2,7 @@
 
 import io
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,22 @@ def model():
     return tiny_model()
 
 
+@contextmanager
+def checkpoint_kernels_only():
+    """Within the block, only the checkpoint code's memory-attention kernels run: what torch.compile traces (the
+    compiled kernel is not traceable, so the package's function hands compiled calls to them) and what a remote-code
+    load runs. The package's `"blockwise"` function is put back afterwards."""
+    from longllama.modeling import attention_longllama
+
+    functions = attention_longllama.MEMORY_ATTENTION_FUNCTIONS
+    package_blockwise = functions["blockwise"]
+    functions["blockwise"] = attention_longllama.blockwise_memory_attention_forward
+    try:
+        yield
+    finally:
+        functions["blockwise"] = package_blockwise
+
+
 @pytest.fixture(params=["kernel", "reference"])
 def memory_attention_path(request, monkeypatch):
     """Run a test with each dense memory attention: the package's, whose compiled kernel reads memory while decoding
@@ -160,11 +177,8 @@ def memory_attention_path(request, monkeypatch):
     from longllama.modeling import attention_longllama
 
     if request.param == "reference":
-        monkeypatch.setitem(
-            attention_longllama.MEMORY_ATTENTION_FUNCTIONS, "blockwise",
-            attention_longllama.blockwise_memory_attention_forward,
-        )
-        yield "reference"
+        with checkpoint_kernels_only():
+            yield "reference"
         return
     assert attention_longllama.MEMORY_ATTENTION_FUNCTIONS["blockwise"] is attention.blockwise_memory_attention_forward
     if kernels.compiled() is None:
@@ -177,12 +191,7 @@ def memory_attention_path(request, monkeypatch):
 
 
 @pytest.fixture
-def checkpoint_kernels(monkeypatch):
-    """Only the checkpoint code's memory-attention kernels: what torch.compile traces (the compiled kernel is not
-    traceable, so the package's function hands compiled calls to them) and what a remote-code load runs."""
-    from longllama.modeling import attention_longllama
-
-    monkeypatch.setitem(
-        attention_longllama.MEMORY_ATTENTION_FUNCTIONS, "blockwise",
-        attention_longllama.blockwise_memory_attention_forward,
-    )
+def checkpoint_kernels():
+    """Only the checkpoint code's memory-attention kernels during the test (`checkpoint_kernels_only`)."""
+    with checkpoint_kernels_only():
+        yield

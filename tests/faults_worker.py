@@ -277,21 +277,15 @@ def convert_faults(work: Path, rng: random.Random, count: int, report: Report) -
 
 def train_faults(work: Path, rng: random.Random, count: int, report: Report) -> None:
     from safetensors.torch import load_file
-    from test_train import TASK, write_model_config
+    from test_train import make_workspace
 
     from longllama.train import main
 
-    tokenizer = TASK.tokenizer()
-    tokenizer.save_pretrained(work / "tokenizer")
-    config = write_model_config(work / "config.json", tokenizer)
-    data_rng = random.Random(0)
-    with open(work / "data.jsonl", "w") as f:
-        for _ in range(60):
-            f.write(json.dumps(TASK.document(data_rng)) + "\n")
+    workspace = make_workspace(work, documents=60)
 
     def args(output: Path, steps: int) -> list[str]:
-        return ["--init-config", str(config), "--tokenizer", str(work / "tokenizer"), "--data",
-                str(work / "data.jsonl"), "--batch-size", "4", "--pack-size", "2", "--cross-batch-range", "1", "--lr",
+        return ["--init-config", str(workspace.config), "--tokenizer", str(workspace.tokenizer), "--data",
+                str(workspace.data), "--batch-size", "4", "--pack-size", "2", "--cross-batch-range", "1", "--lr",
                 "3e-3", "--steps", str(steps), "--save-every", "1", "--keep-checkpoints", "2", "--log-every", "1",
                 "--output-dir", str(output), "--resume", "auto"]
 

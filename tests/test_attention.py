@@ -3,10 +3,11 @@ and against the checkpoint code's blockwise kernel, on memories built the way se
 padding, evicted entries, beam rows that share memory, bf16 and float32 storage."""
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import max_err, tiny_model
+from conftest import checkpoint_kernels_only, max_err, tiny_model
 
 from longllama import attention, kernels
 from longllama.modeling import attention_longllama, memory_longllama
@@ -168,7 +169,7 @@ def test_other_calls_take_the_checkpoint_kernel(case, monkeypatch):
 
 
 @pytest.mark.parametrize("mem_dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-4)])
-def test_decoding_with_the_kernel_matches_the_checkpoint_kernel(mem_dtype, tolerance, monkeypatch):
+def test_decoding_with_the_kernel_matches_the_checkpoint_kernel(mem_dtype, tolerance):
     """A whole session: prompt, then 20 decode steps through several flushes, beams that share memory."""
     if kernels.compiled() is None:
         pytest.skip("the package was installed without a C compiler: no compiled kernels")
@@ -176,16 +177,10 @@ def test_decoding_with_the_kernel_matches_the_checkpoint_kernel(mem_dtype, toler
     model.generation_config.eos_token_id = None
     prompt = torch.randint(3, 99, (2, 37), generator=torch.Generator().manual_seed(5))
     results = {}
-    for path in ("kernel", "reference"):
-        if path == "reference":
-            monkeypatch.setitem(
-                attention_longllama.MEMORY_ATTENTION_FUNCTIONS, "blockwise",
-                attention_longllama.blockwise_memory_attention_forward,
-            )
-        with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=20, num_beams=2, do_sample=False, output_scores=True,
-                                 return_dict_in_generate=True)
-        results[path] = out
+    for path, kernels_used in (("kernel", nullcontext), ("reference", checkpoint_kernels_only)):
+        with torch.no_grad(), kernels_used():
+            results[path] = model.generate(prompt, max_new_tokens=20, num_beams=2, do_sample=False,
+                                           output_scores=True, return_dict_in_generate=True)
     assert torch.equal(results["kernel"].sequences, results["reference"].sequences)
     for a, b in zip(results["kernel"].scores, results["reference"].scores):
         assert max_err(a, b) < tolerance

@@ -19,10 +19,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import longllama  # noqa: F401  (registers the longllama model type)
 from longllama import LongLlamaForCausalLM
-from longllama.modeling import attention_longllama
 from longllama.modeling.cache_longllama import MemoryCacheLayer
 
-from conftest import CODE_FILES, IMPORT_BLOCKER, MODELING_DIR, llama_config_like, tiny_model
+from conftest import CODE_FILES, IMPORT_BLOCKER, MODELING_DIR, checkpoint_kernels_only, llama_config_like, tiny_model
 
 # tiny_config: window 8, last_context_length 4; 30 tokens are 4 windows to memory plus the final local window
 NUM_TOKENS = 30
@@ -71,13 +70,8 @@ def saved(tmp_path_factory):
     ids = input_ids()
     # and the logits of the checkpoint code's own kernels, which a remote-code load runs: the package's compiled
     # memory attention gives the same up to float rounding (tests/test_attention.py), not bit for bit
-    functions = attention_longllama.MEMORY_ATTENTION_FUNCTIONS
-    package_blockwise = functions["blockwise"]
-    functions["blockwise"] = attention_longllama.blockwise_memory_attention_forward
-    try:
+    with checkpoint_kernels_only():
         checkpoint_logits = logits_of(model, ids)
-    finally:
-        functions["blockwise"] = package_blockwise
     return {"model": model, "dir": directory, "ids": ids, "logits": logits_of(model, ids),
             "checkpoint_logits": checkpoint_logits}
 

@@ -71,13 +71,17 @@ def write_model_config(path: Path, tokenizer, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("train")
+    return make_workspace(tmp_path_factory.mktemp("train"), documents=200)
+
+
+def make_workspace(root: Path, documents: int) -> Workspace:
+    """In `root`: the task's tokenizer, a tiny model config and `documents` FactsTask documents (seed 0)."""
     tokenizer = TASK.tokenizer()
     tokenizer.save_pretrained(root / "tokenizer")
     config = write_model_config(root / "config.json", tokenizer)
     rng = random.Random(0)
     with open(root / "data.jsonl", "w") as f:
-        for _ in range(200):
+        for _ in range(documents):
             f.write(json.dumps(TASK.document(rng)) + "\n")
     return Workspace(root, config, root / "tokenizer", root / "data.jsonl")
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny model of conftest
-from conftest import tiny_model  # noqa: E402
+from conftest import checkpoint_kernels_only, tiny_model  # noqa: E402
 
 # tiny_model: vocab 99, hidden 32, 4 layers, window 8, last_context_length 4
 CASES = {
@@ -44,12 +44,6 @@ def random_ids(batch: int, tokens: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def write_case(directory: Path, seed: int, **overrides) -> None:
-    # the checkpoint code's own kernels, which a remote-code load runs: the package's compiled memory attention
-    # gives the same up to float rounding (tests/test_attention.py), not to 1e-5 on these deliberately sharp weights
-    from longllama.modeling import attention_longllama
-
-    functions = attention_longllama.MEMORY_ATTENTION_FUNCTIONS
-    functions["blockwise"] = attention_longllama.blockwise_memory_attention_forward
     model = tiny_model(seed, **overrides)
     model.save_pretrained(directory)
     ids, prompt2 = random_ids(2, PROMPT_TOKENS, seed), random_ids(2, PROMPT2_TOKENS, seed + 100)
@@ -70,9 +64,12 @@ def write_case(directory: Path, seed: int, **overrides) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
-    for seed, (name, overrides) in enumerate(CASES.items()):
-        write_case(out / name, seed, **overrides)
-        print(f"wrote {out / name}")
+    # the checkpoint code's own kernels, which a remote-code load runs: the package's compiled memory attention gives
+    # the same up to float rounding (tests/test_attention.py), not to 1e-5 on these deliberately sharp weights
+    with checkpoint_kernels_only():
+        for seed, (name, overrides) in enumerate(CASES.items()):
+            write_case(out / name, seed, **overrides)
+            print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":
