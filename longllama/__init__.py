@@ -31,11 +31,11 @@ CONSOLE_SCRIPTS = ("longllama-convert", "longllama-passkey", "longllama-train")
 def register() -> None:
     """Register LongLLaMA with transformers' Auto classes and plug the package into the checkpoint code: the faster
     exact search and the faiss / hnswlib backends (`INDEX_BACKENDS`), memory attention with the compiled kernel while
-    decoding (`MEMORY_ATTENTION_FUNCTIONS`), saved sessions (`SESSION_STORE`) and crossbatch training
-    (`CROSS_BATCH`), see docs/architecture.md. Safe to call more than once; `import longllama` calls it."""
+    decoding (`MEMORY_ATTENTION_FUNCTIONS`), saved sessions (`SESSION_STORE`), crossbatch training
+    (`CROSS_BATCH`) and static decoding (`DECODE_STEP`), see docs/architecture.md. Safe to call more than once; `import longllama` calls it."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from . import attention, crossbatch, hnsw, search, session
+    from . import attention, crossbatch, decoding, hnsw, search, session
     from .modeling import LongLlamaConfig, LongLlamaForCausalLM, LongLlamaModel, LongLlamaTokenizer
     from .modeling import attention_longllama, cache_longllama, modeling_longllama
     from .modeling.knn_longllama import INDEX_BACKENDS
@@ -48,6 +48,7 @@ def register() -> None:
     attention_longllama.MEMORY_ATTENTION_FUNCTIONS["blockwise"] = attention.blockwise_memory_attention_forward
     cache_longllama.SESSION_STORE = session
     modeling_longllama.CROSS_BATCH = crossbatch
+    modeling_longllama.DECODE_STEP = decoding.decode_step
 
 
 def __getattr__(name: str):

@@ -186,9 +186,12 @@ class LongLlamaCache(Cache):
 
     Args:
         config (`LongLlamaConfig`): the model's configuration (layer layout, window, `mem_dtype`).
+        static (`bool`, defaults to `False`): decode steps keep the local contexts in preallocated buffers of one
+            window and run as one compiled graph (the longllama package's `decoding.py`; docs/inference.md#static-decoding);
+            `generate(..., cache_implementation="static")` makes such a cache.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, static: bool = False):
         mem_layers = set(config.mem_layers)
         options = memory_options(config)
         layers = [
@@ -198,6 +201,7 @@ class LongLlamaCache(Cache):
         super().__init__(layers=layers)
         self.fingerprint = cache_fingerprint(config)
         self.mem_layers = sorted(mem_layers)
+        self.static = static
         self.seen_tokens = 0
         self.local_valid: torch.Tensor | None = None
         self.position_origin: torch.Tensor | None = None

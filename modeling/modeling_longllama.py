@@ -46,7 +46,7 @@ from .windows_longllama import (
 
 # transformers 4.57 and 5.0 copy to their module cache only the files that an auto_map module imports itself
 from .knn_longllama import make_index  # noqa: F401
-from .memory_longllama import LayerMemory  # noqa: F401
+from .memory_longllama import LayerMemory
 
 # Inputs of at least this many windows get a progress bar (a decode step never builds one: torch.compile traces it),
 # drawn only when stderr is a terminal and once the call has run PROGRESS_DELAY seconds, so that logs stay clean and
@@ -56,6 +56,10 @@ PROGRESS_DELAY = 2.0
 # FoT crossbatch training (`cross_batch_rows`, docs/training.md) is the package's: `import longllama` plugs in
 # `longllama.crossbatch`, which checks the rows (`check_rows`) and builds the other rows' memory (`memory`).
 CROSS_BATCH = None
+# Static decoding (a `LongLlamaCache(config, static=True)`, or `generate(..., cache_implementation="static")`) is the
+# package's too: `longllama.decoding.decode_step` runs a decode step's layers as one compiled graph over preallocated
+# local windows (docs/inference.md#static-decoding), or returns None to leave the step to the layers below.
+DECODE_STEP = None
 
 
 def _cross_batch():
@@ -128,28 +132,9 @@ class LongLlamaAttention(LlamaAttention):
             if window.stores_local:
                 key_states, value_states = layer_cache.update(key_states, value_states, raw_keys=raw_key_states)
             memory = layer_cache.memory_store if layer_cache.memory_length > 0 else None
-        # looked up per call: `import longllama` may replace a kernel by a faster one (docs/architecture.md)
-        attention_function = MEMORY_ATTENTION_FUNCTIONS[self.attention_implementation]
-        top_k = window.mem_top_k
-        if cache is not None and memory is not None and top_k is not None and top_k < memory.length:
-            # kNN retrieval from the session memory (with k >= memory it would select everything: dense, exactly);
-            # crossbatch training attends densely, as in the paper
-            if window.output_attentions:
-                raise ValueError("output_attentions is not available with kNN retrieval: pass mem_top_k=None.")
-            attention_function = topk_memory_attention_forward
-        elif window.output_attentions:  # the weights come from the eager kernel, as in transformers
-            attention_function = eager_memory_attention_forward
-        attn_output, attn_weights = attention_function(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            window.visible.to(query_states.device),
-            memory=memory,
-            scaling=self.scaling,
-            grouping=self.grouping,
-            is_causal=window.is_causal,
-            top_k=top_k,
+        attn_output, attn_weights = self.attend(
+            query_states, key_states, value_states, window.visible.to(query_states.device), memory,
+            top_k=window.mem_top_k if cache is not None else None, is_causal=window.is_causal,
             output_attentions=window.output_attentions,
         )
         if cache is not None and not window.stores_local:
@@ -158,6 +143,25 @@ class LongLlamaAttention(LlamaAttention):
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+    def attend(self, query, key, value, visible, memory, top_k=None, is_causal=False, output_attentions=False):
+        """The memory-attention kernel call: `(output [B, t, H, D], weights or None)` over the local `key`, `value`
+        `[B, Hkv, n, D]` (`visible` `[B, 1, t, n]`) and `memory` (a session's `LayerMemory`, crossbatch rows, or
+        None). `top_k` below the memory's length retrieves that many memory keys per query (kNN)."""
+        # looked up per call: `import longllama` may replace a kernel by a faster one (docs/architecture.md)
+        attention_function = MEMORY_ATTENTION_FUNCTIONS[self.attention_implementation]
+        if isinstance(memory, LayerMemory) and top_k is not None and top_k < memory.length:
+            # kNN retrieval from the session memory (with k >= memory it would select everything: dense, exactly);
+            # crossbatch training attends densely, as in the paper
+            if output_attentions:
+                raise ValueError("output_attentions is not available with kNN retrieval: pass mem_top_k=None.")
+            attention_function = topk_memory_attention_forward
+        elif output_attentions:  # the weights come from the eager kernel, as in transformers
+            attention_function = eager_memory_attention_forward
+        return attention_function(
+            self, query, key, value, visible, memory=memory, scaling=self.scaling, grouping=self.grouping,
+            is_causal=is_causal, top_k=top_k, output_attentions=output_attentions,
+        )
 
 
 class LongLlamaDecoderLayer(LlamaDecoderLayer):
@@ -386,11 +390,21 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
             window.stores_local, visible, valid, is_causal, session is None, cross_batch_rows, mem_top_k,
             output_attentions=recorder is not None,
         )
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
+        # a decode step of a static session: the package runs it as one compiled graph (DECODE_STEP)
+        decoding = t == 1 and window.stores_local and window.depth == len(self.layers)
+        if session is not None and session.static and decoding and not (all_states or recorder is not None):
+            if DECODE_STEP is None:
+                raise ImportError("static decoding needs the longllama package: pip install longllama, and `import "
+                                  "longllama` before loading the model")
+            decoded = DECODE_STEP(self, hidden_states, position_embeddings, session, inputs)
+            if decoded is not None:
+                session.seen_tokens += t
+                return [decoded]
         bias = None  # SDPA in the stock layers then runs causally (eager needs the mask)
         if not (is_causal and self.config._attn_implementation == "sdpa"):
             bias = torch.zeros(visible.shape, dtype=hidden_states.dtype, device=visible.device)
             bias.masked_fill_(~visible, mask_value(hidden_states.dtype))  # additive mask of the stock layers
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=positions - origin[:, None])
 
         states = [hidden_states]
         for idx, layer in enumerate(self.layers[: window.depth]):
@@ -441,8 +455,8 @@ class LongLlamaModel(LongLlamaPreTrainedModel):
         elif not isinstance(cache, LongLlamaCache):
             raise ValueError(
                 f"LongLLaMA keeps its session in a LongLlamaCache, got a {type(cache).__name__}. Pass cache=None to "
-                "start a session (generate() does this; do not set cache_implementation) or the cache returned by "
-                "an earlier call to continue one."
+                "start a session (generate() does this; the only cache_implementation it takes is \"static\") or "
+                "the cache returned by an earlier call to continue one."
             )
         elif not use_cache:
             raise ValueError("A cache was passed with use_cache=False: pass use_cache=True to continue the session.")
@@ -645,8 +659,15 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate`; with beams or `num_return_sequences`, the prompt is read once per row and its
-        copies share one memory (they only copy their local contexts)."""
+        copies share one memory (they only copy their local contexts). `cache_implementation="static"` decodes with a
+        static `LongLlamaCache` (one compiled graph per step, docs/inference.md#static-decoding)."""
         config = generation_config or self.generation_config
+        static = (kwargs.get("cache_implementation") or config.cache_implementation) == "static"
+        if static:
+            # the session memory needs our own cache type; "static" makes one whose decode steps are compiled
+            kwargs.pop("cache_implementation", None)
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                kwargs[CACHE_NAME] = LongLlamaCache(self.config, static=True)
         beams = kwargs.get("num_beams") or config.num_beams or 1
         repeats = max(beams, kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
         if (
@@ -659,10 +680,16 @@ class LongLlamaForCausalLM(LongLlamaPreTrainedModel, GenerationMixin):
             # window size, not a length limit, so keep the 20 new tokens
             kwargs["max_new_tokens"] = config.max_length
         self._generation_repeats = repeats
+        configs = [c for c in (generation_config, self.generation_config) if static and c is not None]
+        implementations = [c.cache_implementation for c in configs]
         try:
+            for c in configs:  # generate() refuses a cache together with a cache_implementation
+                c.cache_implementation = None
             return super().generate(inputs, generation_config=generation_config, **kwargs)
         finally:
             self._generation_repeats = 1
+            for c, implementation in zip(configs, implementations):
+                c.cache_implementation = implementation
 
     def _get_stopping_criteria(self, *args, **kwargs):
         criteria = super()._get_stopping_criteria(*args, **kwargs)

@@ -12,7 +12,6 @@ from conftest import tiny_model
 from longllama import passkey, train
 from longllama.conversion import cli as convert_cli
 from longllama.demo import DEMO_DIR, REQUIRED_FILES
-from longllama.modeling import cache_longllama
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
@@ -71,17 +70,13 @@ def test_the_demo_is_bundled_and_runs_from_the_command_line():
 
 
 # Every "not supported (yet)" / "not built yet" statement, with the check that it is still true.
-def _static_cache_is_refused() -> bool:
+def _other_static_caches_are_refused() -> bool:
     model = tiny_model()
     try:
-        model.generate(torch.randint(3, 99, (1, 12)), max_new_tokens=2, cache_implementation="static")
+        model.generate(torch.randint(3, 99, (1, 12)), max_new_tokens=2, cache_implementation="offloaded_static")
     except ValueError as error:
         return "LongLlamaCache" in str(error)
     return False
-
-
-def _no_static_local_window() -> bool:
-    return not any("static" in name.lower() for name in dir(cache_longllama))
 
 
 def _no_attention_weights_with_knn() -> bool:
@@ -93,10 +88,7 @@ def _no_attention_weights_with_knn() -> bool:
 
 
 KNOWN_GAPS = {
-    "not supported yet: static / quantized caches": _static_cache_is_refused,
-    "not supported: static and quantized caches": _static_cache_is_refused,
-    "a static local window (preallocated, so that one graph serves every step) is not built yet":
-        _no_static_local_window,
+    "not supported: quantized caches": _other_static_caches_are_refused,
     "not available with knn retrieval (`mem_top_k`)": _no_attention_weights_with_knn,
 }
 

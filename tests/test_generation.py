@@ -325,10 +325,12 @@ def test_beam_search_on_a_short_prompt_is_llama_beam_search(kwargs):
         assert torch.equal(model.generate(ids, **generation), llama.generate(ids, **generation))
 
 
-def test_static_cache_raises():
+def test_caches_of_other_layouts_are_refused():
+    """transformers' static caches hold a fixed number of positions and no memory; "static" is LongLLaMA's own
+    (tests/test_decoding.py)."""
     model = make_model()
     with pytest.raises(ValueError, match="LongLlamaCache"):
-        model.generate(random_ids(1, 5), max_new_tokens=3, cache_implementation="static")
+        model.generate(random_ids(1, 5), max_new_tokens=3, cache_implementation="offloaded_static")
 
 
 # --------------------------------------------------------------------------- 9. last_context_length in generate()
