@@ -8,6 +8,9 @@ then cropped off the local context (`cache.crop(-1)`), so every step sees the sa
 each round so that machine load hits them alike:
 
 - dense:        `import longllama`'s memory attention (the compiled kernel reads bf16 memory in place);
+- dense-static: the same in a static session (`LongLlamaCache(config, static=True)`, what
+                `generate(..., cache_implementation="static")` uses): the decoder layers as one compiled graph whose
+                projections read their weights on all threads (docs/inference.md#static-decoding);
 - dense-torch:  the checkpoint code's blockwise kernel (what decoding ran before the kernel, and what a remote-code
                 load or a machine without a C compiler runs);
 - top-k:        `mem_top_k=K` with the exact index (the compiled top-k scan reads bf16 keys in place);
@@ -35,7 +38,7 @@ from harness import format_table, parse_tokens
 
 SIZES = "1k,16k,100k,1M"
 LOCAL, TOP_K, ROUNDS, STEPS = 64, 64, 5, 8
-MODES = ("dense", "dense-torch", "top-k", "approximate", "llama")
+MODES = ("dense", "dense-static", "dense-torch", "top-k", "approximate", "llama")
 
 
 def read_bandwidth(torch) -> float:
@@ -52,14 +55,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def fill_session(torch, model, tokens: int, index: str):
+def fill_session(torch, model, tokens: int, index: str, static: bool = False):
     """A cache whose memory layers hold `tokens` random entries each and whose local context holds LOCAL tokens."""
     from long_prompt import random_prompt
 
     from longllama import LongLlamaCache
 
     config = model.config
-    cache = LongLlamaCache(config)
+    cache = LongLlamaCache(config, static=static)
     cache.bind(model)  # the session is this model's, though filled by hand
     generator = torch.Generator().manual_seed(tokens)
     shape = (1, config.num_key_value_heads, 0, config.head_dim)
@@ -81,7 +84,7 @@ def memory_bytes(config, tokens: int, mode: str) -> int:
     """Bytes of memory a decode step reads in `mode` (bf16 keys and values; K entries per query head group)."""
     entry = config.num_key_value_heads * config.head_dim * 2  # one key or one value of one layer, bf16
     layers = len(config.mem_layers)
-    if mode in ("dense", "dense-torch"):
+    if mode in ("dense", "dense-static", "dense-torch"):
         return layers * tokens * 2 * entry
     groups = config.num_attention_heads // config.num_key_value_heads
     selected = min(TOP_K, tokens) * groups * 2 * entry
@@ -117,8 +120,10 @@ def measure(tokens: int, args, model, torch, with_llama: bool) -> dict:
     sessions = {m: exact for m in modes}
     if "approximate" in modes:
         sessions["approximate"], _ = fill_session(torch, model, tokens, "hnswlib")
+    sessions["dense-static"], _ = fill_session(torch, model, tokens, "exact", static=True)
     steps = {  # mode: one decode step
         "dense": lambda: model(token, cache=exact, logits_to_keep=1),
+        "dense-static": lambda: model(token, cache=sessions["dense-static"], logits_to_keep=1),
         "dense-torch": lambda: model(token, cache=exact, logits_to_keep=1),
         "top-k": lambda: model(token, cache=exact, logits_to_keep=1, mem_top_k=TOP_K),
         "approximate": lambda: model(token, cache=sessions["approximate"], logits_to_keep=1, mem_top_k=TOP_K),
@@ -136,7 +141,7 @@ def measure(tokens: int, args, model, torch, with_llama: bool) -> dict:
 
     rounds = {m: [] for m in modes}
     with torch.no_grad():
-        for mode in modes:  # warm-up (and the approximate index's build)
+        for mode in modes:  # warm-up (the approximate index's build; compiling the static step, in the first size)
             build = run(mode)
             if mode == "approximate":
                 approximate_build_s = build

@@ -62,6 +62,7 @@ class DecodeLayers(nn.Module):
         super().__init__()
         self.layers = model.layers
         self.rotates = [not isinstance(layer, LongLlamaDecoderLayer) or layer.self_attn.use_rotary for layer in self.layers]
+        self.threads = torch.get_num_threads() if model.device.type == "cpu" else 1
 
     def forward(self, hidden_states, cos, sin, slot, visible, bias, buffers):
         """`hidden_states` `[B, 1, hidden]`; `slot` `[1]` the new token's slot; `visible` `[B, 1, 1, window]` the slots
@@ -71,9 +72,9 @@ class DecodeLayers(nn.Module):
             residual = hidden_states
             hidden_states = layer.input_layernorm(hidden_states)
             shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
-            query = attention.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, H, 1, D]
-            key = attention.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hkv, 1, D]
-            value = attention.v_proj(hidden_states).view(shape).transpose(1, 2)
+            query = self.linear(attention.q_proj, hidden_states).view(shape).transpose(1, 2)  # [B, H, 1, D]
+            key = self.linear(attention.k_proj, hidden_states).view(shape).transpose(1, 2)  # [B, Hkv, 1, D]
+            value = self.linear(attention.v_proj, hidden_states).view(shape).transpose(1, 2)
             keys, values, raw_keys = buffers[idx]
             if raw_keys is not None:  # a memory layer: its memory stores the unrotated keys at the next flush
                 raw_keys.index_copy_(2, slot, key.to(raw_keys.dtype))
@@ -88,9 +89,22 @@ class DecodeLayers(nn.Module):
                     query, keys, values, attn_mask=bias, scale=attention.scaling,
                     enable_gqa=query.shape[1] != keys.shape[1],
                 ).transpose(1, 2)
-            hidden_states = residual + attention.o_proj(output.reshape(*residual.shape[:-1], -1))
-            hidden_states = hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+            hidden_states = residual + self.linear(attention.o_proj, output.reshape(*residual.shape[:-1], -1))
+            mlp, x = layer.mlp, layer.post_attention_layernorm(hidden_states)
+            x = mlp.act_fn(self.linear(mlp.gate_proj, x)) * self.linear(mlp.up_proj, x)
+            hidden_states = hidden_states + self.linear(mlp.down_proj, x)
         return hidden_states
+
+    def linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """`module(x)` for the few rows of a decode step. On the CPU torch computes a product with one row on one
+        thread, and a step's time is mostly reading weights: the weight is cut into one slice of output features per
+        thread and applied as a batched product (the same dot products, threads reading in parallel)."""
+        weight, threads = module.weight, self.threads
+        if threads < 2 or module.bias is not None or weight.shape[0] % threads or x.shape[:-1].numel() > 16:
+            return module(x)
+        rows = x.reshape(1, -1, x.shape[-1]).expand(threads, -1, -1)  # [threads, rows, in]
+        out = torch.bmm(rows, weight.view(threads, -1, weight.shape[1]).transpose(1, 2))  # [threads, rows, out / threads]
+        return out.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
 def decode_step(model, hidden_states, position_embeddings, session, window):
