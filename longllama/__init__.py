@@ -2,8 +2,9 @@
 
 `import longllama` calls `register()`: the `"longllama"` model type joins `AutoConfig`, `AutoModel` and
 `AutoModelForCausalLM`, so LongLLaMA checkpoints (ours and the published ones) load with our classes, `AutoTokenizer`
-knows `LongLlamaTokenizer`, and the package's faster and optional kNN backends and its decoding kernel plug into the
-checkpoint code (`search.py`, `hnsw.py`, `attention.py`). `demo_checkpoint()` is the directory of the bundled demo model.
+knows `LongLlamaTokenizer`, and the package's faster and optional kNN backends, its decoding kernel and static
+decoding plug into the checkpoint code (`search.py`, `hnsw.py`, `attention.py`, `decoding.py`). `demo_checkpoint()` is
+the directory of the bundled demo model.
 """
 
 import importlib
@@ -31,8 +32,9 @@ CONSOLE_SCRIPTS = ("longllama-convert", "longllama-passkey", "longllama-train")
 def register() -> None:
     """Register LongLLaMA with transformers' Auto classes and plug the package into the checkpoint code: the faster
     exact search and the faiss / hnswlib backends (`INDEX_BACKENDS`), memory attention with the compiled kernel while
-    decoding (`MEMORY_ATTENTION_FUNCTIONS`), saved sessions (`SESSION_STORE`), crossbatch training
-    (`CROSS_BATCH`) and static decoding (`DECODE_STEP`), see docs/architecture.md. Safe to call more than once; `import longllama` calls it."""
+    decoding (`MEMORY_ATTENTION_FUNCTIONS`), saved sessions (`SESSION_STORE`), crossbatch training (`CROSS_BATCH`)
+    and static decoding (`DECODE_STEP`), see docs/architecture.md. Safe to call more than once; `import longllama`
+    calls it."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from . import attention, crossbatch, decoding, hnsw, search, session

@@ -61,7 +61,9 @@ class DecodeLayers(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.layers = model.layers
-        self.rotates = [not isinstance(layer, LongLlamaDecoderLayer) or layer.self_attn.use_rotary for layer in self.layers]
+        self.rotates = [
+            not isinstance(layer, LongLlamaDecoderLayer) or layer.self_attn.use_rotary for layer in self.layers
+        ]
         self.threads = torch.get_num_threads() if model.device.type == "cpu" else 1
 
     def forward(self, hidden_states, cos, sin, slot, visible, bias, buffers):
@@ -103,7 +105,7 @@ class DecodeLayers(nn.Module):
         if threads < 2 or module.bias is not None or weight.shape[0] % threads or x.shape[:-1].numel() > 16:
             return module(x)
         rows = x.reshape(1, -1, x.shape[-1]).expand(threads, -1, -1)  # [threads, rows, in]
-        out = torch.bmm(rows, weight.view(threads, -1, weight.shape[1]).transpose(1, 2))  # [threads, rows, out / threads]
+        out = torch.bmm(rows, weight.view(threads, -1, weight.shape[1]).transpose(1, 2))  # [threads, rows, out/threads]
         return out.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 

@@ -187,8 +187,8 @@ class LongLlamaCache(Cache):
     Args:
         config (`LongLlamaConfig`): the model's configuration (layer layout, window, `mem_dtype`).
         static (`bool`, defaults to `False`): decode steps keep the local contexts in preallocated buffers of one
-            window and run as one compiled graph (the longllama package's `decoding.py`; docs/inference.md#static-decoding);
-            `generate(..., cache_implementation="static")` makes such a cache.
+            window and run as one compiled graph (the longllama package's `decoding.py`,
+            docs/inference.md#static-decoding); `generate(..., cache_implementation="static")` makes such a cache.
     """
 
     def __init__(self, config, static: bool = False):
