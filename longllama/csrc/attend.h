@@ -86,17 +86,16 @@ static void attend_range(float *m, float *l, float *acc, const float *q, int64_t
         for (int64_t r = 0; r < R; r++) { /* the running softmax and the weighted sum of values */
             float *accr = acc + r * D;
             if (!softmax_step(m + r, l + r, accr, x + r * 16, n, D, p)) continue;
-            memset(part, 0, sizeof(float) * D);
 #if SIMD
-            if (in_place)
-                weighted_sum_stored(part, p, n, values, dtype, value_at + c * D, D);
-            else
-#endif
-            {
-                if (!v) v = as_floats(values, dtype, value_at + c * D, n * D, vbuf);
-                for (int t = 0; t < n; t++)
-                    for (int64_t d = 0; d < D; d++) part[d] += p[t] * v[t * D + d];
+            if (in_place) {
+                weighted_sum_stored(accr, p, n, values, dtype, value_at + c * D, D);
+                continue;
             }
+#endif
+            memset(part, 0, sizeof(float) * D);
+            if (!v) v = as_floats(values, dtype, value_at + c * D, n * D, vbuf);
+            for (int t = 0; t < n; t++)
+                for (int64_t d = 0; d < D; d++) part[d] += p[t] * v[t * D + d];
             for (int64_t d = 0; d < D; d++) accr[d] += part[d];
         }
     }

@@ -62,14 +62,26 @@ static inline void dot8_stored(const float *q, const void *keys, int dtype, int6
     __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
 }
-/* part[0..D) += sum over t < n of p[t] * (value t from element `at` of `values`), D a multiple of 8. */
-static inline void weighted_sum_stored(float *part, const float *p, int n, const void *values, int dtype, int64_t at,
-                                       int64_t D) {
-    for (int64_t d = 0; d < D; d += 8) {
-        __m256 a = _mm256_loadu_ps(part + d);
-        for (int t = 0; t < n; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), load8(values, dtype, at + t * D + d), a);
-        _mm256_storeu_ps(part + d, a);
+/* acc[d0 + 8j ..] += sum over t < n of p[t] * (value t from element `at`)[d0 + 8j ..], j < W: the W * 8 sums in
+   registers, each p[t] broadcast once. */
+static inline void weighted_sum_group(float *acc, const float *p, int n, const void *values, int dtype, int64_t at,
+                                      int64_t D, int64_t d0, const int W) {
+    __m256 a[8];
+    for (int j = 0; j < W; j++) a[j] = _mm256_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        __m256 pt = _mm256_set1_ps(p[t]);
+        for (int j = 0; j < W; j++) a[j] = _mm256_fmadd_ps(pt, load8(values, dtype, at + t * D + d0 + 8 * j), a[j]);
     }
+    for (int j = 0; j < W; j++)
+        _mm256_storeu_ps(acc + d0 + 8 * j, _mm256_add_ps(_mm256_loadu_ps(acc + d0 + 8 * j), a[j]));
+}
+/* acc[0..D) += sum over t < n of p[t] * (value t from element `at` of `values`), D a multiple of 8; the block's sum is
+   formed on its own, then added (as the block's softmax terms are). */
+static inline void weighted_sum_stored(float *acc, const float *p, int n, const void *values, int dtype, int64_t at,
+                                       int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) weighted_sum_group(acc, p, n, values, dtype, at, D, d0, 8);
+    if (d0 < D) weighted_sum_group(acc, p, n, values, dtype, at, D, d0, (int)((D - d0) / 8));
 }
 /* bf16 -> float32 is exact: the 16 bits are the high half of the float. */
 static inline void widen_bf16(const uint16_t *src, int64_t count, float *dst) {
