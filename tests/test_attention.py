@@ -67,6 +67,9 @@ def check(lib, q, memory, scaling=0.3, atol=1e-5):
         (2, 2, 3, 8, 500),  # grouped queries (3 query rows per KV head)
         (1, 1, 2, 12, 777),  # head_dim not a multiple of 8: the scalar product; blocks shorter than 16 entries
         (3, 1, 1, 16, 40),
+        (1, 2, 2, 48, 300),  # bf16 read 16 at a time (D a multiple of 16): a last group of 48 values
+        (1, 1, 1, 128, 200),  # two groups of 64
+        (1, 1, 1, 24, 100),  # a multiple of 8, not of 16
     ],
 )
 def test_kernel_matches_float64_reference(lib, dtype, B, Hkv, R, D, n):
