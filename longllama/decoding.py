@@ -11,6 +11,7 @@ a flush when the local context is full: all in Python, before the step); `decode
 - the memory layers' kernel call (memory of any length, dense or top-k, the C kernel or torch) is one opaque operator,
   `longllama::memory_layer_attention`, which reads the session from this module's `_STEP` while the step runs, as
   transformers' attention functions read their cache;
+- on the CPU the projections read their weights on every thread (`DecodeLayers.linear`), as the model's head does;
 - `torch.compile(fullgraph=True, dynamic=False)` compiles the layers once per model and batch shape, and every later
   step, flush or session reuses the graph.
 
@@ -113,10 +114,10 @@ def decode_step(model, hidden_states, position_embeddings, session, window):
     """`modeling_longllama.DECODE_STEP`: run the layers of `model` (a `LongLlamaModel`) on one new token of a static
     session whose local context the model has already updated (flushed if full; `session.local_valid` includes the
     new token). Returns the final hidden states `[B, 1, hidden]`, or None to leave the step to the eager layers."""
-    if model.training or torch.is_grad_enabled() and hidden_states.requires_grad:
-        return None
     slot = session.local_length - 1  # local tokens before this one
     capacity = model.window_size  # a flush keeps the local context within one window
+    if model.training or torch.is_grad_enabled() and hidden_states.requires_grad or slot >= capacity:
+        return None
     dtype, device = hidden_states.dtype, hidden_states.device
     buffers = []
     for layer_cache, layer in zip(session.layers, model.layers):
