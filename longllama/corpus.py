@@ -16,6 +16,10 @@ never appear in the training split. The build is deterministic: sorted file list
 with every file's size and SHA-256 and the Python version, so two builds can be compared (`corpus_digest`).
 
     python -m longllama.corpus OUT            # OUT/train.jsonl, OUT/heldout.jsonl, OUT/manifest.json
+    python -m longllama.corpus OUT --haystacks   # and OUT/heldout-code.txt, OUT/heldout-prose.txt
+
+The haystack files are the held-out documents of each kind, one after another, as plain text: long real text the
+model never saw, for `longllama-passkey --filler FILE`.
 """
 
 import argparse
@@ -160,6 +164,15 @@ def write_corpus(out: Path, root: Path | None = None) -> dict:
     return manifest
 
 
+def write_haystacks(out: Path, held_out: list[Document]) -> list[Path]:
+    """`out/heldout-<kind>.txt` for each kind: the held-out documents of that kind joined by blank lines."""
+    paths = []
+    for kind in sorted({d.kind for d in held_out}):
+        paths.append(out / f"heldout-{kind}.txt")
+        atomic_write_text(paths[-1], "\n\n".join(d.text for d in held_out if d.kind == kind))
+    return paths
+
+
 def read_corpus(path: Path) -> list[Document]:
     """The documents of a `train.jsonl` / `heldout.jsonl` written by `write_corpus`."""
     path = Path(path)
@@ -184,9 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, help="output directory (train.jsonl, heldout.jsonl, manifest.json)")
     parser.add_argument("--root", type=Path, help="standard library directory (default: this Python's)")
+    parser.add_argument("--haystacks", action="store_true", help="also write the held-out text of each kind as "
+                        "OUT/heldout-code.txt and OUT/heldout-prose.txt (passkey haystacks: longllama-passkey --filler)")
     args = parser.parse_args(argv)
     try:
         manifest = write_corpus(args.out, args.root)
+        haystacks = write_haystacks(args.out, read_corpus(args.out / "heldout.jsonl")) if args.haystacks else []
     except (ValueError, OSError) as error:
         print(f"longllama.corpus: error: {error}", file=sys.stderr)
         return 2
@@ -195,11 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {split['documents']} documents, {split['characters']:,} characters, sha256 "
               f"{split['sha256'][:16]}")
     print(f"skipped {len(manifest['skipped'])} files; manifest in {args.out / 'manifest.json'}")
+    for path in haystacks:
+        print(f"haystack: {path} ({path.stat().st_size:,} bytes)")
     return 0
 
 
 __all__ = ["HELD_OUT", "Document", "build_documents", "corpus_digest", "read_corpus", "split_documents",
-           "stdlib_dir", "write_corpus"]
+           "stdlib_dir", "write_corpus", "write_haystacks"]
 
 
 if __name__ == "__main__":

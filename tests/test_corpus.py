@@ -106,3 +106,11 @@ def test_passkey_documents_with_real_haystacks():
     assert styles == {"text", "other"}
     # without haystacks the styles are those of the v1 recipe, so its documents are unchanged
     assert PasskeyTask()._styles() == ["standard", "shuffled", "varied"]
+
+
+def test_haystacks_are_the_held_out_text_by_kind(library, tmp_path):
+    assert main([str(tmp_path / "out"), "--root", str(library), "--haystacks"]) == 0
+    code = (tmp_path / "out" / "heldout-code.txt").read_text()
+    prose = (tmp_path / "out" / "heldout-prose.txt").read_text()
+    assert "class AbstractEventLoop" in code and "def sleep" in code and "EditorWindow" not in code
+    assert "The assert statement." in prose and "What's new in IDLE" not in prose
