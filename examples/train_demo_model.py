@@ -1,9 +1,9 @@
-"""Retrain the demo model shipped in `longllama/demo_model` (issue 5): a small LongLLaMA trained from scratch on a CPU
+"""Retrain the demo model (issues 5 and 20): a small LongLLaMA trained from scratch on a CPU
 with `longllama-train` (FoT crossbatch), its own sentencepiece tokenizer, and synthetic retrieval data this script
 writes (passkey-style documents with varied filler and key names, several named keys per document, copy lists).
 
-    python examples/train_demo_model.py --work demo-run             # seeded; resumable (run it again to continue)
-    python examples/train_demo_model.py --work demo-run --install   # then copy the result into longllama/demo_model
+    python examples/train_demo_model.py --work demo-run --stages local,copy,fot    # v1; seeded, resumable
+    python examples/train_demo_model.py --work demo-run --install fot              # copy v1 into longllama/demo_model
 
 The curriculum (retrieval does not emerge easily in tiny models trained from scratch; see docs/demo_model.md):
 
@@ -16,6 +16,20 @@ The curriculum (retrieval does not emerge easily in tiny models trained from scr
    `positives` is the same stage with positives only (the ablation in docs/demo_model.md), and `documents` the same
    with memory bounded by the document (`--mode memory`: one document per pack of 4 rows, left-padded, documents
    longer than 4 windows keep their last 1,024 tokens): `--stages local,copy,fot,positives,documents`.
+
+Version 2 (issue 20) continues from the v1 model with real text:
+
+4. `transfer`: the v1 model's layers, with embeddings for a new 2,048-piece sentencepiece tokenizer trained on the
+   real-text corpus (`longllama.corpus`: the Python standard library's code and prose, whole packages held out):
+   each new piece gets the v1 embedding of the same piece, or the mean of the v1 embeddings of its text.
+5. `text` (2,000 steps): FoT crossbatch as in `fot` (k = 4, d = 3 -> 7 -> 15) on real text (45% of the
+   characters, chunks of 2-24k characters of the training packages), passkey documents (45%; a third of those that
+   are not in the benchmark's exact format hide their keys in real text, a span of it or a few of its lines
+   repeated) and copy lists (10%). `text-positives` is the same stage with positives only (the ablation arm of
+   benchmarks/long_context_ppl.py).
+
+    python examples/train_demo_model.py --work demo-run --stages transfer,text --v1 V1_DIR   # from a v1 model
+    python examples/train_demo_model.py --work demo-run --install text
 
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
