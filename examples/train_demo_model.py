@@ -83,8 +83,8 @@ TEXT_SHARE, COPY_SHARE = 0.45, 0.10  # shares of the `text` stage's tokens; the 
 CHUNK_CHARS = (2000, 24000)  # training documents are cut into chunks of this many characters, at line starts
 V2_FLAGS = ["--batch-size", "16", "--pack-size", "4", "--cross-batch-range", "3"]
 STAGES_V2 = {  # name: (start from, steps, flags); data: WORK/text.jsonl; tokenizer: WORK/tokenizer-v2
-    "text": ("transfer", 1000, V2_FLAGS + ["--cross-batch-schedule", "300:7,700:15"]),
-    "text-positives": ("transfer", 1000, V2_FLAGS + ["--positives-only"]),
+    "text": ("transfer", 2000, V2_FLAGS + ["--cross-batch-schedule", "300:7,700:15"]),
+    "text-positives": ("transfer", 2000, V2_FLAGS + ["--positives-only"]),
 }
 
 

@@ -189,7 +189,7 @@ def read_corpus(path: Path) -> list[Document]:
     return documents
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m longllama.corpus",
         description="Build the real-text corpus from the Python standard library: one document per package and kind "
@@ -199,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, help="standard library directory (default: this Python's)")
     parser.add_argument("--haystacks", action="store_true", help="also write the held-out text of each kind as "
                         "OUT/heldout-code.txt and OUT/heldout-prose.txt (passkey haystacks: longllama-passkey --filler)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         manifest = write_corpus(args.out, args.root)
         haystacks = write_haystacks(args.out, read_corpus(args.out / "heldout.jsonl")) if args.haystacks else []
