@@ -196,8 +196,9 @@ def text_chunks(text: str, rng: random.Random) -> list[str]:
 
 
 def prepare_v2(work: Path, seed: int) -> None:
-    """The real-text corpus (`longllama.corpus`, held-out packages excluded), the `text` stage's documents, the v2
-    tokenizer (sentencepiece BPE of `VOCAB_V2` pieces on the training split, whitespace kept for code) and config."""
+    """The real-text corpus (`longllama.corpus`, held-out packages excluded), the `text` stage's documents and the v2
+    tokenizer (sentencepiece BPE of `VOCAB_V2` pieces on the training split, whitespace kept for code); the model
+    config comes from the v1 model (`transfer`)."""
     import io
 
     import sentencepiece as spm
@@ -213,7 +214,7 @@ def prepare_v2(work: Path, seed: int) -> None:
     if not (work / "text.jsonl").is_file():
         chunks = [chunk for document in train for chunk in text_chunks(document.text, rng)]
         text_chars = sum(map(len, chunks))
-        # passkey and copy documents in proportion to the text by characters (about 3.5 per token either way)
+        # passkey and copy documents in proportion to the text, by characters
         passkey = PasskeyTask(60, 1100, max_keys=3, spec_share=0.2, names=NAMES,
                               haystacks=tuple(document.text for document in train))
         copy = CopyTask(4, 40, 0, 700)
