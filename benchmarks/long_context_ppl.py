@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help="name=checkpoint,... (default: demo=the bundled demo model); the first one "
                         "also gets the memory-off arm")
-    parser.add_argument("--corpus", type=Path, help="a directory with heldout.jsonl (python -m longllama.corpus; "
+    parser.add_argument("--corpus", type=Path, help="a directory with heldout.jsonl (longllama-corpus; "
                         "default: built from this Python's standard library)")
     parser.add_argument("--documents", help="held-out documents to use, comma-separated names like asyncio:code "
                         "(default: every one long enough)")
-    parser.add_argument("--contexts", type=parse_counts, default=parse_counts(CONTEXTS),
+    parser.add_argument("--contexts", type=parse_counts, default=CONTEXTS,  # a string: parsed after --help
                         help=f"context lengths in tokens, k = 1000 (default: {CONTEXTS})")
     parser.add_argument("--eval-tokens", type=int, default=512, help="tokens scored per span (default: 512)")
     parser.add_argument("--spans", type=int, default=4, help="spans per document (default: 4)")

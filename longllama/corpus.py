@@ -15,8 +15,9 @@ tables), compiled modules and files that are not UTF-8 are left out (the manifes
 never appear in the training split. The build is deterministic: sorted file lists, no randomness, and a manifest
 with every file's size and SHA-256 and the Python version, so two builds can be compared (`corpus_digest`).
 
-    python -m longllama.corpus OUT            # OUT/train.jsonl, OUT/heldout.jsonl, OUT/manifest.json
-    python -m longllama.corpus OUT --haystacks   # and OUT/heldout-code.txt, OUT/heldout-prose.txt
+    longllama-corpus OUT                 # OUT/train.jsonl, OUT/heldout.jsonl, OUT/manifest.json
+    longllama-corpus OUT --haystacks     # and OUT/heldout-code.txt, OUT/heldout-prose.txt
+    python -m longllama.corpus OUT       # the same without the console script
 
 The haystack files are the held-out documents of each kind, one after another, as plain text: long real text the
 model never saw, for `longllama-passkey --filler FILE`.
@@ -177,7 +178,7 @@ def read_corpus(path: Path) -> list[Document]:
     """The documents of a `train.jsonl` / `heldout.jsonl` written by `write_corpus`."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"Corpus file {path} does not exist: build it with python -m longllama.corpus DIR.")
+        raise ValueError(f"Corpus file {path} does not exist: build it with longllama-corpus DIR.")
     documents = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -191,7 +192,7 @@ def read_corpus(path: Path) -> list[Document]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m longllama.corpus",
+        prog="longllama-corpus",
         description="Build the real-text corpus from the Python standard library: one document per package and kind "
         f"(code, prose), with the packages {', '.join(HELD_OUT)} held out for evaluation.",
     )
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = write_corpus(args.out, args.root)
         haystacks = write_haystacks(args.out, read_corpus(args.out / "heldout.jsonl")) if args.haystacks else []
     except (ValueError, OSError) as error:
-        print(f"longllama.corpus: error: {error}", file=sys.stderr)
+        print(f"longllama-corpus: error: {error}", file=sys.stderr)
         return 2
     for name in ("train", "heldout"):
         split = manifest[name]

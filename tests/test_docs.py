@@ -21,10 +21,10 @@ PARSERS = {
     "longllama-convert": convert_cli.build_parser(),
     "longllama-passkey": passkey.build_parser(),
     "longllama-train": train.build_parser(),
-    "python -m longllama.corpus": corpus.build_parser(),
+    "longllama-corpus": corpus.build_parser(),
 }
 MODULES = {"longllama.conversion": "longllama-convert", "longllama.passkey": "longllama-passkey",
-           "longllama.train": "longllama-train", "longllama.corpus": "python -m longllama.corpus"}
+           "longllama.train": "longllama-train", "longllama.corpus": "longllama-corpus"}
 # Flags of other programs the docs show: accelerate launch, torchrun, pip.
 OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--config_file", "--mpirun_hostfile", "--cpu", "--num_machines",
                "--mixed_precision", "--dynamo_backend", "--nproc_per_node", "--force-reinstall"}
