@@ -14,10 +14,20 @@ call, as a model without saved sessions would, and shows that the answer is the 
 The small demo model did not learn to tell key names apart: it answers every question with the key it read last (so
 one of three answers is right). A converted 3B/7B checkpoint (`--model DIR`, on a GPU) does not have this limitation;
 what the example shows is that a saved session answers exactly as re-reading the document would.
+
+`--held-out NAME` reads a real document instead: the first `--tokens` tokens of a held-out document of the real-text
+corpus (`longllama.corpus`, e.g. `email:code`, a package the demo model never saw in training). The questions are
+lines of it that set a name to a constant far back (`    MAXLINELEN = 998`, each name set once, at least half the
+document before its end): the question is the line up to `=`, after the whole document, and the answer is right
+when the model continues it with the constant. The same questions after only the document's last window (no
+memory) show what memory adds:
+
+    python examples/document_session.py --held-out email:code --tokens 60000 --questions 12
 """
 
 import argparse
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +53,75 @@ def build_document(tokenizer, tokens: int, keys: dict[str, int]) -> str:
     return "\n".join(parts)
 
 
+# a constant assignment on one line: `NAME = 123`, `NAME = 'text'` (a trailing comment allowed)
+ASSIGNMENT = re.compile(r"""^([ \t]*[A-Za-z_][A-Za-z0-9_]*[ \t]*=)[ \t]*(\d[\d_.]*|'[^'\n]{3,40}'|"[^"\n]{3,40}")[ \t]*(#.*)?$""",
+                        re.M)
+
+
+def held_out_document(tokenizer, name: str, tokens: int) -> str:
+    """The first `tokens` tokens (about) of the held-out document `name`, cut at a line end."""
+    from longllama.corpus import build_documents, split_documents
+
+    documents = {d.name: d for d in split_documents(build_documents()[0])[1]}
+    if name not in documents:
+        raise SystemExit(f"--held-out {name}: no such held-out document; choose from {sorted(documents)}")
+    text = documents[name].text
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:tokens]
+    cut = tokenizer.decode(ids)
+    return cut[: cut.rfind("\n") + 1] if "\n" in cut else cut
+
+
+def constant_questions(text: str, count: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to `count` (question, answer) pairs: lines `NAME = constant` in the first half of `text` whose name is set
+    nowhere else in it (so only this line answers the question) and whose constant is not a one-digit number."""
+    found = []
+    for match in ASSIGNMENT.finditer(text[: len(text) // 2]):
+        question, answer = match.group(1), match.group(2)
+        name = question.strip().rstrip("=").strip()
+        sets = len(re.findall(rf"^[ \t]*{re.escape(name)}[ \t]*=[^=]", text, re.M))
+        if sets == 1 and (not answer[0].isdigit() or len(answer) >= 2):
+            found.append((question, answer))
+    return rng.sample(found, min(count, len(found)))
+
+
+def ask_held_out(model, tokenizer, args, generation) -> None:
+    """Read a held-out document once, then ask each question from the saved session and from the last window only."""
+    text = held_out_document(tokenizer, args.held_out, args.tokens)
+    questions = constant_questions(text, args.questions, random.Random(args.seed))
+    if not questions:
+        raise SystemExit(f"--held-out {args.held_out}: no line of the form NAME = constant in its first half.")
+    document = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        cache = model(document, use_cache=True, logits_to_keep=1, mem_top_k=args.top_k).cache
+    session_dir = Path(args.session_dir or tempfile.mkdtemp(prefix="longllama-session-")) / "session"
+    cache.save(session_dir)
+    print(f"read {document.shape[1]} tokens of {args.held_out} in {time.perf_counter() - start:.1f} s; "
+          f"{len(questions)} questions")
+    window = model.config.max_position_embeddings
+    right = {"with memory": 0, "last window only": 0}
+    for question_text, answer in questions:
+        question = tokenizer("\n" + question_text, add_special_tokens=False, return_tensors="pt").input_ids
+        question = question.to(model.device)
+        session = LongLlamaCache.load(session_dir, model)
+        mask = torch.ones(1, session.get_seq_length() + question.shape[1], dtype=torch.long, device=model.device)
+        with torch.no_grad():
+            out = model.generate(question, attention_mask=mask, cache=session, **generation)[0, question.shape[1] :]
+            short = torch.cat([document[:, -window:], question], dim=1)
+            alone = model.generate(short, attention_mask=torch.ones_like(short), **generation)[0, short.shape[1] :]
+        answers = {"with memory": out, "last window only": alone}
+        verdicts = []
+        for arm, ids in answers.items():
+            said = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            ok = said.startswith(answer)
+            right[arm] += ok
+            verdicts.append(f"{arm}: {said[:len(answer) + 6]!r} ({'right' if ok else 'wrong'})")
+        position = text.index(question_text + text[text.index(question_text) + len(question_text):].split("\n")[0])
+        back = len(tokenizer(text[position:], add_special_tokens=False).input_ids)
+        print(f"{question_text.strip()} {answer}  [{back:,} tokens back]  " + "; ".join(verdicts))
+    print(" / ".join(f"{arm}: {n}/{len(questions)} right" for arm, n in right.items()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=20_000, help="document length in tokens (default 20000)")
@@ -52,6 +131,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys (default 0)")
     parser.add_argument("--model", help="a LongLLaMA checkpoint directory (default: the bundled demo model)")
     parser.add_argument("--check", action="store_true", help="also answer from document + question in one call")
+    parser.add_argument("--held-out", metavar="NAME", help="read this held-out real document instead (e.g. "
+                        "email:code) and ask for constants set far back in it")
+    parser.add_argument("--questions", type=int, default=10, help="questions with --held-out (default 10)")
     args = parser.parse_args()
     if args.tokens < 1000:
         parser.error("--tokens must be at least 1000: the document is filler with three key lines")
@@ -62,6 +144,9 @@ def main():
     generation = dict(max_new_tokens=8, do_sample=False, mem_top_k=args.top_k, pad_token_id=tokenizer.pad_token_id)
     rng = random.Random(args.seed)
     keys = {name: rng.randrange(1, 50000) for name in NAMES}
+    if args.held_out:
+        generation["max_new_tokens"] = 16
+        return ask_held_out(model, tokenizer, args, generation)
 
     # 1. read the document once and save the session
     text = build_document(tokenizer, args.tokens, keys)

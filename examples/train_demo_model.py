@@ -1,9 +1,9 @@
-"""Retrain the demo model shipped in `longllama/demo_model` (issue 5): a small LongLLaMA trained from scratch on a CPU
+"""Retrain the demo model (issues 5 and 20): a small LongLLaMA trained from scratch on a CPU
 with `longllama-train` (FoT crossbatch), its own sentencepiece tokenizer, and synthetic retrieval data this script
 writes (passkey-style documents with varied filler and key names, several named keys per document, copy lists).
 
-    python examples/train_demo_model.py --work demo-run             # seeded; resumable (run it again to continue)
-    python examples/train_demo_model.py --work demo-run --install   # then copy the result into longllama/demo_model
+    python examples/train_demo_model.py --work demo-run --stages local,copy,fot    # v1; seeded, resumable
+    python examples/train_demo_model.py --work demo-run --install fot              # copy v1 into longllama/demo_model
 
 The curriculum (retrieval does not emerge easily in tiny models trained from scratch; see docs/demo_model.md):
 
@@ -16,6 +16,20 @@ The curriculum (retrieval does not emerge easily in tiny models trained from scr
    `positives` is the same stage with positives only (the ablation in docs/demo_model.md), and `documents` the same
    with memory bounded by the document (`--mode memory`: one document per pack of 4 rows, left-padded, documents
    longer than 4 windows keep their last 1,024 tokens): `--stages local,copy,fot,positives,documents`.
+
+Version 2 (issue 20) continues from the v1 model with real text:
+
+4. `transfer`: the v1 model's layers, with embeddings for a new 2,048-piece sentencepiece tokenizer trained on the
+   real-text corpus (`longllama.corpus`: the Python standard library's code and prose, whole packages held out):
+   each new piece gets the v1 embedding of the same piece, or the mean of the v1 embeddings of its text.
+5. `text` (2,000 steps): FoT crossbatch as in `fot` (k = 4, d = 3 -> 7 -> 15) on real text (45% of the
+   characters, chunks of 2-24k characters of the training packages), passkey documents (45%; a third of those that
+   are not in the benchmark's exact format hide their keys in real text, a span of it or a few of its lines
+   repeated) and copy lists (10%). `text-positives` is the same stage with positives only (the ablation arm of
+   benchmarks/long_context_ppl.py).
+
+    python examples/train_demo_model.py --work demo-run --stages transfer,text --v1 V1_DIR   # from a v1 model
+    python examples/train_demo_model.py --work demo-run --install text
 
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
@@ -30,6 +44,7 @@ import time
 from pathlib import Path
 
 from longllama import LongLlamaConfig
+from longllama.files import atomic_write_text
 from longllama.synthetic import ADJECTIVES, KEY_NAMES, NOUNS, CopyTask, PasskeyTask
 
 WINDOW = 256
@@ -59,6 +74,19 @@ STAGES = {  # name: (start from, data, steps, longllama-train flags)
     "documents": ("copy", "fot", 1500, ["--mode", "memory", "--batch-size", "16", "--pack-size", "4"]),
 }
 
+# ---- v2 (issue 20): real text. The v1 model's layers, its embeddings carried over to a tokenizer trained on the
+# real-text corpus (`transfer`), then FoT training on real text mixed with passkey documents whose haystacks are real
+# text and with copy lists. `text-positives` is the same stage without negatives (the ablation arm of
+# benchmarks/long_context_ppl.py).
+VOCAB_V2 = 2048
+TEXT_SHARE, COPY_SHARE = 0.45, 0.10  # shares of the `text` stage's tokens; the rest are passkey documents
+CHUNK_CHARS = (2000, 24000)  # training documents are cut into chunks of this many characters, at line starts
+V2_FLAGS = ["--batch-size", "16", "--pack-size", "4", "--cross-batch-range", "3"]
+STAGES_V2 = {  # name: (start from, steps, flags); data: WORK/text.jsonl; tokenizer: WORK/tokenizer-v2
+    "text": ("transfer", 2000, V2_FLAGS + ["--cross-batch-schedule", "300:7,700:15"]),
+    "text-positives": ("transfer", 2000, V2_FLAGS + ["--positives-only"]),
+}
+
 
 CARD = """# LongLLaMA demo model
 
@@ -77,6 +105,13 @@ tokenizer = AutoTokenizer.from_pretrained(demo_checkpoint())
 
 Without the longllama package: `trust_remote_code=True` (the remote code is in this directory).
 """
+
+CARD_V2 = CARD.replace(
+    "on synthetic passkey-style documents and copy lists,",
+    "on synthetic passkey-style documents and copy lists (v1), then on real text (the Python standard library's code "
+    "and prose, a few packages held out) mixed with passkey documents whose haystacks are real text (v2),",
+).replace("It knows this synthetic text only; it is not a language model.",
+          "It is a very small language model of Python code and technical English.")
 
 
 def write_documents(path: Path, data: tuple, rng: random.Random) -> list[str]:
@@ -149,30 +184,167 @@ def train(work: Path, name: str, seed: int, lr: float) -> None:
     print(f"{name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
 
 
+def text_chunks(text: str, rng: random.Random) -> list[str]:
+    """`text` cut at line starts into chunks of `CHUNK_CHARS` characters (the last one may be shorter)."""
+    chunks, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + rng.randint(*CHUNK_CHARS))
+        end = len(text) if end < 0 else end + 1
+        chunks.append(text[start:end])
+        start = end
+    return chunks
+
+
+def prepare_v2(work: Path, seed: int) -> None:
+    """The real-text corpus (`longllama.corpus`, held-out packages excluded), the `text` stage's documents and the v2
+    tokenizer (sentencepiece BPE of `VOCAB_V2` pieces on the training split, whitespace kept for code); the model
+    config comes from the v1 model (`transfer`)."""
+    import io
+
+    import sentencepiece as spm
+
+    from longllama.corpus import read_corpus, write_corpus
+    from longllama.modeling import LongLlamaTokenizer
+    from longllama.passkey import FILLER, QUESTION, TASK, key_line
+
+    if not (work / "corpus" / "manifest.json").is_file():
+        write_corpus(work / "corpus")
+    train = read_corpus(work / "corpus" / "train.jsonl")
+    rng = random.Random(f"text-{seed}")
+    if not (work / "text.jsonl").is_file():
+        chunks = [chunk for document in train for chunk in text_chunks(document.text, rng)]
+        text_chars = sum(map(len, chunks))
+        # passkey and copy documents in proportion to the text, by characters
+        passkey = PasskeyTask(60, 1100, max_keys=3, spec_share=0.2, names=NAMES,
+                              haystacks=tuple(document.text for document in train))
+        copy = CopyTask(4, 40, 0, 700)
+        documents = [{"text": chunk, "kind": "text"} for chunk in chunks]
+        for share, task, kind in ((1 - TEXT_SHARE - COPY_SHARE, passkey, "passkey"), (COPY_SHARE, copy, "copy")):
+            chars = 0
+            while chars < text_chars * share / TEXT_SHARE:
+                documents.append({"text": task.document(rng)["text"], "kind": kind})
+                chars += len(documents[-1]["text"])
+        rng.shuffle(documents)
+        atomic_write_text(work / "text.jsonl", "".join(json.dumps(d) + "\n" for d in documents))
+    tokenizer_dir = work / "tokenizer-v2"
+    if (tokenizer_dir / "tokenizer.model").is_file():
+        return
+    lines = [line for document in train for line in document.text.split("\n") if line.strip()]
+    sample = [TASK, FILLER, QUESTION] + [key_line(n, name) for n, name in enumerate(NAMES, 1)]
+    sample += rng.sample(lines, min(len(lines), 150000))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample), model_writer=model, vocab_size=VOCAB_V2, model_type="bpe",
+        byte_fallback=True, split_digits=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        max_sentence_length=8192, minloglevel=2, num_threads=1,
+    )
+    tokenizer_dir.mkdir(exist_ok=True)
+    (tokenizer_dir / "tokenizer.model").write_bytes(model.getvalue())
+    LongLlamaTokenizer(vocab_file=str(tokenizer_dir / "tokenizer.model")).save_pretrained(tokenizer_dir)
+
+
+def transfer(work: Path, v1: Path) -> None:
+    """WORK/transfer/model: the v1 model with the v2 vocabulary. Every v2 piece's embedding is the v1 embedding of
+    the same piece, or else the mean of the v1 embeddings of the piece's text as v1 tokenizes it (the layers, which
+    hold the retrieval mechanism, are kept as they are)."""
+    import sentencepiece as spm
+    import torch
+    from safetensors.torch import load_file
+
+    from longllama import LongLlamaConfig, LongLlamaForCausalLM
+
+    out = work / "transfer" / "model"
+    if (out / "config.json").is_file():
+        print("transfer: done already", flush=True)
+        return
+    if not (v1 / "model.safetensors").is_file():
+        sys.exit(f"transfer: {v1} has no model.safetensors; train the v1 stages (local,copy,fot) or pass --v1 DIR.")
+    old_sp = spm.SentencePieceProcessor(model_file=str(v1 / "tokenizer.model") if (v1 / "tokenizer.model").is_file()
+                                        else str(work / "tokenizer" / "tokenizer.model"))
+    new_sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer-v2" / "tokenizer.model"))
+    weights = load_file(v1 / "model.safetensors")
+    old = weights["model.embed_tokens.weight"]
+    rows = []
+    for i in range(new_sp.get_piece_size()):
+        piece = new_sp.id_to_piece(i)
+        same = old_sp.piece_to_id(piece)
+        if same != old_sp.unk_id() or i == new_sp.unk_id():
+            rows.append(old[same])
+            continue
+        ids = old_sp.encode(piece.replace("\u2581", " ")) or [old_sp.unk_id()]
+        rows.append(old[ids].mean(0))
+    config = json.loads((v1 / "config.json").read_text())
+    config.update(vocab_size=new_sp.get_piece_size(), mem_top_k=None)
+    config = LongLlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
+    model = LongLlamaForCausalLM(config)
+    weights["model.embed_tokens.weight"] = torch.stack(rows)
+    weights.pop("lm_head.weight", None)  # tied to the embeddings
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [key for key in missing if key != "lm_head.weight"]:
+        sys.exit(f"transfer: the v1 weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.save_pretrained(out)
+    print(f"transfer: {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", flush=True)
+
+
+def train_v2(work: Path, name: str, seed: int, lr: float) -> None:
+    start, steps, flags = STAGES_V2[name]
+    if (work / name / "model" / "config.json").is_file():
+        print(f"{name}: done already", flush=True)
+        return
+    command = [
+        sys.executable, "-m", "longllama.train", "--model", str(work / start / "model"),
+        "--tokenizer", str(work / "tokenizer-v2"), "--data", str(work / "text.jsonl"),
+        "--output-dir", str(work / name), "--steps", str(steps), "--lr", str(lr), "--warmup-steps", "100",
+        "--seed", str(seed), "--save-every", "250", "--log-every", "50", "--resume", "auto", *flags,
+    ]
+    started = time.perf_counter()
+    print(f"{name}: {' '.join(command[1:])}", flush=True)
+    subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
+    print(f"{name}: trained in {time.perf_counter() - started:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="directory for data, runs and the result")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the tokenizer and the training")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of every stage")
-    parser.add_argument("--stages", default="local,copy,fot", help="stages to run, in order (add 'positives' and "
-                        "'documents' for the ablation)")
-    parser.add_argument("--install", action="store_true", help="copy the fot model and tokenizer into the package")
+    parser.add_argument("--stages", default="local,copy,fot,transfer,text", help="stages to run, in order (v1: "
+                        "local,copy,fot, and positives,documents for its ablation; v2: transfer,text, and "
+                        "text-positives for its ablation; default: %(default)s)")
+    parser.add_argument("--v1", type=Path, help="the v1 model that `transfer` starts from (default: WORK/fot/model; "
+                        "e.g. a checkout's longllama/demo_model of before issue 20)")
+    parser.add_argument("--install", nargs="?", const="text", choices=["fot", "text"],
+                        help="copy this stage's model (default: text, the v2 model; fot: the v1 model) and its "
+                        "tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
-    unknown = [name for name in stages if name not in STAGES]
+    known = [*STAGES, "transfer", *STAGES_V2]
+    unknown = [name for name in stages if name not in known]
     if unknown:
-        parser.error(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        parser.error(f"unknown stage(s) {unknown}; choose from {known}")
     started = time.perf_counter()
-    prepare(args.work, args.seed)
+    if any(name in STAGES for name in stages):
+        prepare(args.work, args.seed)
+    if any(name not in STAGES for name in stages):
+        prepare_v2(args.work, args.seed)
     for name in stages:
-        train(args.work, name, args.seed, args.lr)
+        if name in STAGES:
+            train(args.work, name, args.seed, args.lr)
+        elif name == "transfer":
+            transfer(args.work, args.v1 or args.work / "fot" / "model")
+        else:
+            train_v2(args.work, name, args.seed, args.lr)
     print(f"all stages: {time.perf_counter() - started:.0f} s", flush=True)
     if args.install:
         from longllama.demo import DEMO_DIR, write_checkpoint
 
-        if not (args.work / "fot" / "model" / "config.json").is_file():
-            sys.exit(f"--install: {args.work / 'fot' / 'model'} does not exist yet; run the fot stage first.")
-        write_checkpoint(args.work / "fot" / "model", args.work / "tokenizer", DEMO_DIR, CARD,
+        model = args.work / args.install / "model"
+        if not (model / "config.json").is_file():
+            sys.exit(f"--install: {model} does not exist yet; run the {args.install} stage first.")
+        tokenizer = args.work / ("tokenizer-v2" if args.install == "text" else "tokenizer")
+        write_checkpoint(model, tokenizer, DEMO_DIR, CARD_V2 if args.install == "text" else CARD,
                          last_context_length=LAST_CONTEXT_LENGTH, mem_top_k=MEM_TOP_K, code=False)
         print(f"installed into {DEMO_DIR} (demo_checkpoint() adds the remote code from modeling/)")
 

@@ -26,7 +26,7 @@ _PUBLIC = {
 # The console scripts (setup.cfg). Every `longllama.x` import runs this file first, and registering imports torch and
 # transformers (seconds), so in these processes nothing heavy happens here: `--help` and argument errors answer at
 # once, and each script's `main` calls `register()` after parsing its arguments.
-CONSOLE_SCRIPTS = ("longllama-convert", "longllama-passkey", "longllama-train")
+CONSOLE_SCRIPTS = ("longllama-convert", "longllama-corpus", "longllama-passkey", "longllama-train")
 
 
 def register() -> None:

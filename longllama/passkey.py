@@ -15,6 +15,7 @@ So `input_ids == tokenizer(text).input_ids` (leading special tokens included) an
 """
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -227,6 +228,101 @@ class PasskeyPrompts:
         return prompt_text(key, self.filler_text(before), self.filler_text(after))
 
 
+class FillerPrompts(PasskeyPrompts):
+    """Passkey prompts whose filler is any text (`longllama-passkey --filler FILE`): the benchmark's task line, key
+    line and question around the first tokens of `text`, consumed in order (the filler after the key line continues
+    where the filler before it stopped), and `text` repeated (joined by a space) when it has fewer tokens than the
+    prompt needs.
+
+    The filler is tokenized once, as it follows a line break; the task line, the key line and the question are
+    tokenized in their context (after a sentence), and the parts are joined as token ids. The filler can stop after
+    any of its tokens, so `length` is exact, but re-tokenizing the decoded text may differ by a token at each cut.
+    Only the first `max_chars` characters of `text` are read (enough for any prompt the caller will build).
+    """
+
+    def __init__(self, tokenizer, text: str, max_chars: int | None = None):
+        self.tokenizer = tokenizer
+        self.specials = self._leading_specials()
+        text = text.strip()
+        if not text:
+            raise ValueError("The filler text is empty: give a file with text to hide the pass key in.")
+        text = text[:max_chars] if max_chars else text
+        line_break = self.encode(TASK + "\n")
+        one = self.encode(TASK + "\n" + text)
+        if one[: len(line_break)] != line_break:
+            raise ValueError("This tokenizer merges the filler with the line break before it; prompts cannot be "
+                             "built from tokens.")
+        self.base, self.first = line_break, one[len(line_break) :]  # the text's tokens after a line break
+        two = self.encode(TASK + "\n" + text + " " + text)
+        self.unit = two[len(one) :] if two[: len(one)] == one else self.first  # each repetition after the first
+        self.chars = len(text)
+        self.key_part = self._after_sentence("\n{line}\n")
+        self.question = self._after_sentence("\n" + QUESTION)
+
+    def _after_sentence(self, template: str, key: int | None = None) -> list[int]:
+        """The tokens of `template` (with `{line}` the key line of `key`) as they follow a sentence."""
+        head = self.encode("It is.")
+        ids = self.encode("It is." + template.format(line=key_line(key) if key is not None else ""))
+        if ids[: len(head)] != head:
+            raise ValueError("This tokenizer merges a line break with the sentence before it; prompts cannot be "
+                             "built from tokens.")
+        return ids[len(head) :]
+
+    def filler_ids(self, start: int, n: int) -> list[int]:
+        """Tokens `start` to `start + n` of the filler stream (the text, then its repetitions)."""
+        missing = start + n - len(self.first)
+        if missing > 0:  # only as many repetitions as asked for
+            self.first = self.first + self.unit * -(-missing // len(self.unit))
+        return self.first[start : start + n]
+
+    def minimum_length(self, key: int) -> int:
+        return len(self.specials) + len(self.base) + len(self._after_sentence("\n{line}\n", key)) + len(self.question)
+
+    def layout(self, length: int, depth: float, key: int) -> tuple[int, int]:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth {depth}: a depth is the share of the filler before the key line, in [0, 1].")
+        minimum = self.minimum_length(key)
+        if length < minimum:
+            raise ValueError(
+                f"A passkey prompt of {length} tokens is shorter than its fixed part (task line, key line and "
+                f"question take {minimum} tokens with this tokenizer): use lengths of at least {minimum}."
+            )
+        before = round(depth * (length - minimum))
+        return before, length - minimum - before
+
+    def build(self, length: int, depth: float, key: int) -> tuple[list[int], list[int]]:
+        answer = self.answer_ids(key)
+        before, after = self.layout(length, depth, key)
+        ids = [*self.specials, *self.base, *self.filler_ids(0, before), *self._after_sentence("\n{line}\n", key),
+               *self.filler_ids(before, after), *self.question]
+        return ids, answer
+
+    def text(self, length: int, depth: float, key: int) -> str:
+        return self.tokenizer.decode(self.build(length, depth, key)[0], skip_special_tokens=True)
+
+
+def read_filler(path: str | Path) -> str:
+    """The text of a `--filler` file; `ValueError` in one line for a missing, unreadable, empty or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--filler {path}: no such file.")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--filler {path}: not UTF-8 text (invalid byte at offset {error.start}).") from None
+    except OSError as error:
+        raise ValueError(f"--filler {path}: cannot be read ({error.strerror}).") from None
+    if not text.strip():
+        raise ValueError(f"--filler {path}: the file is empty; give a text to hide the pass key in.")
+    return text
+
+
+def make_prompts(tokenizer, filler: str | None = None, max_length: int = 0) -> PasskeyPrompts:
+    """The standard prompts, or with `filler` those of `FillerPrompts` (reading at most 20 characters per token of
+    the longest prompt)."""
+    return PasskeyPrompts(tokenizer) if filler is None else FillerPrompts(tokenizer, filler, 20 * max_length or None)
+
+
 def passkey_prompt(tokenizer, length: int, depth: float, key: int) -> tuple[list[int], list[int]]:
     """`(input_ids, answer_ids)`: a passkey prompt of exactly `length` tokens (see `PasskeyPrompts`)."""
     return PasskeyPrompts(tokenizer).build(length, depth, key)
@@ -312,7 +408,7 @@ def answer_prompt(model, tokenizer, input_ids: list[int], answer: list[int], ext
 
 def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, trials: int = 5, seed: int = 0, *,
                 last_context_length: int | None = None, extra_new_tokens: int = 4, on_result=None,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, filler: str | None = None) -> list[dict]:
     """Run the passkey benchmark: `trials` prompts per length in `lengths` (tokens), spread over `depths`.
 
     Greedy `model.generate(..., max_new_tokens=len(answer) + extra_new_tokens)`; `last_context_length` is passed to
@@ -320,10 +416,11 @@ def run_passkey(model, tokenizer, lengths, depths=DEFAULT_DEPTHS, trials: int = 
     Returns one dict per trial: `length`, `depth`, `key`, `predicted` (decoded generated text), `correct`, `seconds`
     (the generate call), `tokens_per_s` (prompt tokens / seconds), `answer_ids`, `generated_ids`. `on_result(result)`
     is called after each trial, so a caller keeps the finished ones when a KeyboardInterrupt stops the run.
+    `filler`: a text to use as the filler instead of the standard one (`FillerPrompts`).
     """
     from transformers.utils import logging  # its bars honour transformers' `disable_progress_bar()`
 
-    prompts = PasskeyPrompts(tokenizer)
+    prompts = make_prompts(tokenizer, filler, max(lengths))
     plan = plan_trials(lengths, depths, trials, seed)
     check_trials(prompts, plan)
     if hasattr(model, "eval"):
@@ -460,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  longllama-passkey ./long_llama_3b --lengths 4k,16k --trials 5        # a quick check\n"
         "  longllama-passkey ./long_llama_3b --lengths 100k,256k --trials 20 --json pk.json --plot pk.png\n"
         "  longllama-passkey --demo\n"
+        "  longllama-passkey --demo --lengths 100k --filler my_document.txt    # your own haystack\n"
         "Ctrl-C stops the run: the finished trials are printed and kept in --json (written after every trial). "
         "See docs/passkey.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -479,6 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model dtype; auto: the checkpoint's (default: float32)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_threads_flag(parser)
+    parser.add_argument("--filler", metavar="FILE", help="a UTF-8 text file to hide the key in instead of the "
+                        "standard filler: read in order (the filler after the key continues the text), repeated when "
+                        "shorter than a prompt")
     parser.add_argument("--last-context-length", type=int,
                         help="tokens of the final local window (default: the model config's last_context_length)")
     parser.add_argument("--json", metavar="PATH", help="write every trial's result here (after each trial)")
@@ -524,6 +625,7 @@ def prepare(args) -> tuple[Path, object, str | None]:
     """Every check, before the model loads: (checkpoint directory, tokenizer, the checkpoint's model_type). The
     checks that need no tokenizer come before torch and transformers load."""
     check_args(args)
+    args.filler_text = read_filler(args.filler) if args.filler else None
     model_path = resolve_model(args)
     model_type = json.loads((model_path / "config.json").read_text()).get("model_type")
     if args.last_context_length is not None and model_type != "longllama":
@@ -532,7 +634,8 @@ def prepare(args) -> tuple[Path, object, str | None]:
     from .data import load_tokenizer
 
     tokenizer = load_tokenizer(Path(args.tokenizer) if args.tokenizer else model_path)
-    check_trials(PasskeyPrompts(tokenizer), plan_trials(args.lengths, args.depths, args.trials, args.seed))
+    check_trials(make_prompts(tokenizer, args.filler_text, max(args.lengths)),
+                 plan_trials(args.lengths, args.depths, args.trials, args.seed))
     return model_path, tokenizer, model_type
 
 
@@ -551,7 +654,8 @@ def load_model(path: Path, args):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results: list[dict] = []
-    settings = {k: getattr(args, k) for k in ("lengths", "depths", "trials", "seed", "dtype", "last_context_length")}
+    settings = {k: getattr(args, k) for k in ("lengths", "depths", "trials", "seed", "dtype", "last_context_length",
+                                              "filler")}
 
     def save(complete: bool) -> None:
         if args.json:
@@ -568,8 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         model_path, tokenizer, settings["model_type"] = prepare(args)
         model = load_model(model_path, args)
         save(complete=False)
+        if args.filler_text is not None:
+            settings["filler_sha256"] = hashlib.sha256(args.filler_text.encode()).hexdigest()
         run_passkey(model, tokenizer, args.lengths, args.depths, args.trials, args.seed,
-                    last_context_length=args.last_context_length,
+                    last_context_length=args.last_context_length, filler=args.filler_text,
                     on_result=lambda result: (results.append(result), save(complete=False)))
     except (ValueError, OSError) as error:  # OSError: from_pretrained's missing or unreadable files
         print(f"longllama-passkey: error: {error}", file=sys.stderr)
@@ -586,9 +692,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "DEFAULT_DEPTHS", "FILLER", "QUESTION", "TASK", "PasskeyPrompts", "Trial", "accuracy_table", "answer_prompt",
-    "is_correct", "key_line", "main", "passkey_prompt", "question_line", "plan_trials", "plot_accuracy", "prompt_text",
-    "run_passkey",
+    "DEFAULT_DEPTHS", "FILLER", "QUESTION", "TASK", "FillerPrompts", "PasskeyPrompts", "Trial", "accuracy_table",
+    "answer_prompt", "is_correct", "key_line", "main", "make_prompts", "passkey_prompt", "question_line", "plan_trials",
+    "plot_accuracy", "prompt_text", "read_filler", "run_passkey",
 ]
 
 

@@ -180,7 +180,8 @@ class PasskeyTask:
     distinct names, at random depths), filler, and the question about one of them followed by its answer
     (`What is the {name} key? The {name} key is N.`), lines joined by newlines. With probability `spec_share` it is the
     benchmark's exact format (one key, name `pass`, the standard filler); otherwise the filler is one of: the standard
-    cycle, its sentences shuffled, or random `The {noun} is {adjective}.` sentences mixed with them. Lengths are in
+    cycle, its sentences shuffled, or random `The {noun} is {adjective}.` sentences mixed with them; and with
+    `haystacks` (real texts), also a span of real text or a few of its lines repeated. Lengths are in
     words (the tokenizer decides the tokens), uniformly in [`min_words`, `max_words`].
     """
 
@@ -189,10 +190,29 @@ class PasskeyTask:
     max_keys: int = 3
     spec_share: float = 0.4
     names: tuple = tuple(KEY_NAMES)
+    haystacks: tuple = ()  # real texts: with any, two more filler styles (`text`, `repeat`), see `_real_filler`
+
+    def _styles(self) -> list[str]:
+        # real-text styles only when there are texts, so that documents without them are the ones written before
+        return ["standard", "shuffled", "varied"] + (["text", "text", "repeat"] if self.haystacks else [])
+
+    def _real_filler(self, rng: random.Random, words: int, style: str) -> str:
+        """`text`: a span of about `6 * words` characters of a random haystack, from a random line start (long
+        non-repeating real text); `repeat`: one to four random lines of a haystack repeated (an unseen repeated
+        filler)."""
+        haystack = rng.choice(self.haystacks)
+        start = haystack.find("\n", rng.randrange(len(haystack))) + 1
+        if style == "text":
+            return haystack[start : start + 6 * words].strip()
+        lines = [line.strip() for line in haystack[start:].split("\n", 8)[:-1] if line.strip()][: rng.randint(1, 4)]
+        unit = " ".join(lines) or "The grass is green."
+        return " ".join([unit] * max(1, round(words / max(1, len(unit.split())))))
 
     def _filler(self, rng: random.Random, words: int, style: str) -> str:
         from .passkey import FILLER_SENTENCES
 
+        if style in ("text", "repeat"):
+            return self._real_filler(rng, words, style)
         sentences, count, i = [], 0, rng.randrange(len(FILLER_SENTENCES))
         while count < words:
             if style == "standard":
@@ -213,7 +233,7 @@ class PasskeyTask:
 
         spec = rng.random() < self.spec_share
         names = ["pass"] if spec else rng.sample(self.names, rng.randint(1, self.max_keys))
-        style = "standard" if spec else rng.choice(["standard", "shuffled", "varied"])
+        style = "standard" if spec else rng.choice(self._styles())
         keys = {name: rng.randrange(*KEY_RANGE) for name in names}
         filler_words = max(0, rng.randint(self.min_words, self.max_words) - 30 - 12 * len(names))
         cuts = sorted(rng.randint(0, filler_words) for _ in names)  # the key lines' depths, in filler words

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from longllama import passkey, train
+from longllama import corpus, passkey, train
 from longllama.conversion import cli as convert_cli
 from longllama.demo import DEMO_DIR, REQUIRED_FILES
 
@@ -20,9 +20,10 @@ PARSERS = {
     "longllama-convert": convert_cli.build_parser(),
     "longllama-passkey": passkey.build_parser(),
     "longllama-train": train.build_parser(),
+    "longllama-corpus": corpus.build_parser(),
 }
 MODULES = {"longllama.conversion": "longllama-convert", "longllama.passkey": "longllama-passkey",
-           "longllama.train": "longllama-train"}
+           "longllama.train": "longllama-train", "longllama.corpus": "longllama-corpus"}
 # Flags of other programs the docs show: accelerate launch, torchrun, pip.
 OTHER_TOOLS = {"--multi_gpu", "--num_processes", "--config_file", "--mpirun_hostfile", "--cpu", "--num_machines",
                "--mixed_precision", "--dynamo_backend", "--nproc_per_node", "--force-reinstall"}

@@ -24,6 +24,7 @@ from conftest import Terminal
 spm = pytest.importorskip("sentencepiece")
 
 import longllama  # noqa: E402
+import longllama.demo  # noqa: E402,F401  (monkeypatched below; the package loads it lazily)
 from longllama import LongLlamaConfig, LongLlamaForCausalLM  # noqa: E402
 from longllama import passkey  # noqa: E402
 from longllama.modeling import LongLlamaTokenizer  # noqa: E402
@@ -399,3 +400,61 @@ def test_cli_refuses_a_tokenizer_that_splits_the_key(checkpoint, tmp_path, capsy
     word_tokenizer(words).save_pretrained(tmp_path / "words")
     err = run_error([str(checkpoint), "--tokenizer", str(tmp_path / "words"), "--lengths", "300"], capsys)
     assert "differently in the key line" in err and "split_digits" in err
+
+
+# =========================================================================== bring your own filler (--filler)
+
+HAYSTACK = ("The harbour was quiet before dawn.\nFishermen mended their nets by the old wall, and gulls circled the "
+            "masts.\n") * 3 + "".join(f"Line {i} of a long document that never repeats.\n" for i in range(400))
+
+
+def test_filler_prompts_exact_lengths_and_in_order(tokenizer):
+    prompts = passkey.FillerPrompts(tokenizer, HAYSTACK)
+    for length, depth in ((300, 0.0), (800, 0.5), (2000, 1.0), (5000, 0.3)):
+        ids, answer = prompts.build(length, depth, 4321)
+        assert len(ids) == length and ids[0] == tokenizer.bos_token_id
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        lines = text.split("\n")
+        assert lines[0] == TASK and lines[-1] == QUESTION
+        key_index = lines.index(key_line(4321))
+        before, after = "\n".join(lines[1:key_index]), "\n".join(lines[key_index + 1 : -1])
+        assert HAYSTACK.startswith(before)  # the text from its beginning ...
+        if length < 2000:  # ... and after the key line where it stopped (no repetition needed yet)
+            assert (before + after).replace("\n", "") in HAYSTACK.replace("\n", "")
+        assert tokenizer.decode(answer).strip() == "4321"
+    shallow, deep = (prompts.build(3000, d, 4321)[0] for d in (0.1, 0.9))
+    key_ids = passkey.FillerPrompts._after_sentence(prompts, "\n{line}\n", 4321)
+    position = lambda ids: next(i for i in range(len(ids)) if ids[i : i + len(key_ids)] == key_ids)  # noqa: E731
+    assert position(shallow) < 600 < 2400 < position(deep)
+
+
+def test_short_filler_is_repeated(tokenizer):
+    prompts = passkey.FillerPrompts(tokenizer, "A quiet fox walked past the mill.")
+    ids, _ = prompts.build(4000, 0.5, 777)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) == 4000 and text.count("A quiet fox walked past the mill.") > 100
+
+
+def test_filler_file_errors_in_one_line(checkpoint, tmp_path, capsys, no_model_load):
+    empty, latin, good = tmp_path / "empty.txt", tmp_path / "latin.txt", tmp_path / "good.txt"
+    empty.write_text("  \n\n")
+    latin.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    for path, message in ((tmp_path / "none.txt", "no such file"), (empty, "the file is empty"),
+                          (latin, "not UTF-8 text (invalid byte at offset 3)"), (tmp_path, "no such file")):
+        err = run_error([str(checkpoint), "--lengths", "300", "--filler", str(path)], capsys)
+        assert message in err and err.strip().count("\n") == 0, err
+    good.write_text(HAYSTACK)
+    err = run_error([str(checkpoint), "--lengths", "20", "--filler", str(good)], capsys)
+    assert "shorter than the prompt's fixed part" in err
+
+
+def test_cli_with_filler(checkpoint, tmp_path, capsys):
+    haystack, results_file = tmp_path / "haystack.txt", tmp_path / "pk.json"
+    haystack.write_text(HAYSTACK)
+    code = main([str(checkpoint), "--lengths", "300,600", "--trials", "2", "--threads", "1", "--filler", str(haystack),
+                 "--json", str(results_file)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    saved = json.loads(results_file.read_text())
+    assert saved["settings"]["filler"] == str(haystack) and len(saved["settings"]["filler_sha256"]) == 64
+    assert len(saved["results"]) == 4 and re.search(r"^\s*600 \|", out, re.M)
