@@ -189,15 +189,7 @@ class PasskeyPrompts:
 
     def layout(self, length: int, depth: float, key: int) -> tuple[int, int]:
         """(filler tokens before the key line, after it) for a prompt of exactly `length` tokens."""
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"depth {depth}: a depth is the share of the filler before the key line, in [0, 1].")
-        minimum = self.minimum_length(key)
-        if length < minimum:
-            raise ValueError(
-                f"A passkey prompt of {length} tokens is shorter than its fixed part (task line, key line and "
-                f"question take {minimum} tokens with this tokenizer): use lengths of at least {minimum}."
-            )
-        filler = length - minimum
+        filler = length - self._fixed_length(length, depth, key)
         for _ in range(8):  # a line break may tokenize differently next to filler than next to another line
             before, after = self._split(filler, depth)
             got = len(self._ids(key, self._short(before), self._short(after))) + before + after
@@ -206,6 +198,18 @@ class PasskeyPrompts:
                 return before, after
             filler += length - got
         raise ValueError(f"Cannot build a passkey prompt of exactly {length} tokens with this tokenizer.")
+
+    def _fixed_length(self, length: int, depth: float, key: int) -> int:
+        """The tokens of a prompt that are not filler (`minimum_length`), once `length` and `depth` are checked."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth {depth}: a depth is the share of the filler before the key line, in [0, 1].")
+        minimum = self.minimum_length(key)
+        if length < minimum:
+            raise ValueError(
+                f"A passkey prompt of {length} tokens is shorter than its fixed part (task line, key line and "
+                f"question take {minimum} tokens with this tokenizer): use lengths of at least {minimum}."
+            )
+        return minimum
 
     def _split(self, filler: int, depth: float) -> tuple[int, int]:
         """`filler` tokens cut into (before, after) nearest to `depth`, at cuts the tokenizer can make."""
@@ -279,16 +283,9 @@ class FillerPrompts(PasskeyPrompts):
         return len(self.specials) + len(self.base) + len(self._after_sentence("\n{line}\n", key)) + len(self.question)
 
     def layout(self, length: int, depth: float, key: int) -> tuple[int, int]:
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"depth {depth}: a depth is the share of the filler before the key line, in [0, 1].")
-        minimum = self.minimum_length(key)
-        if length < minimum:
-            raise ValueError(
-                f"A passkey prompt of {length} tokens is shorter than its fixed part (task line, key line and "
-                f"question take {minimum} tokens with this tokenizer): use lengths of at least {minimum}."
-            )
-        before = round(depth * (length - minimum))
-        return before, length - minimum - before
+        filler = length - self._fixed_length(length, depth, key)
+        before = round(depth * filler)
+        return before, filler - before
 
     def build(self, length: int, depth: float, key: int) -> tuple[list[int], list[int]]:
         answer = self.answer_ids(key)
