@@ -31,6 +31,15 @@ Version 2 (issue 20) continues from the v1 model with real text:
     python examples/train_demo_model.py --work demo-run --stages transfer,text --v1 V1_DIR   # from a v1 model
     python examples/train_demo_model.py --work demo-run --install text
 
+6. `text2` (1,000 steps), a second mix that continues from `examples/demo_v2` (`text` at step 1,000): one example
+   per pack of 8 windows, never cut at a pack boundary (`--mode memory --memory-negatives`, batch 32, d 15 then
+   31), so every passkey question sees its key lines in memory, among real text, next to rows of other examples.
+   Real text filling a pack (35% of the examples), passkeys in real text of one to eight windows with 1-3 named keys
+   at any depth (35%), in a few real lines repeated (10%), in the synthetic fillers (12%) and copy lists (8%).
+   `text2-positives` (500 steps) is the same without other examples in memory.
+
+    python examples/train_demo_model.py --work demo-run --stages text2,text2-positives
+
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
 
@@ -102,9 +111,9 @@ TEXT2_EXAMPLES = 12000
 TEXT2_FLAGS = ["--mode", "memory", "--memory-negatives", "--batch-size", "32", "--pack-size", "8"]
 V2_START = Path(__file__).resolve().parent / "demo_v2"  # the `text` model at step 1,000, and its tokenizer
 STAGES_V2.update({
-    "text2": (str(V2_START), 1500, "text2", TEXT2_FLAGS + ["--cross-batch-range", "15",
+    "text2": (str(V2_START), 1000, "text2", TEXT2_FLAGS + ["--cross-batch-range", "15",
                                                                "--cross-batch-schedule", "100:31"]),
-    "text2-positives": (str(V2_START), 1500, "text2", ["--mode", "memory", "--batch-size", "32",
+    "text2-positives": (str(V2_START), 500, "text2", ["--mode", "memory", "--batch-size", "32",
                                                             "--pack-size", "8"]),
 })
 
