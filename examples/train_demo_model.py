@@ -31,6 +31,15 @@ Version 2 (issue 20) continues from the v1 model with real text:
     python examples/train_demo_model.py --work demo-run --stages transfer,text --v1 V1_DIR   # from a v1 model
     python examples/train_demo_model.py --work demo-run --install text
 
+6. `text2` (1,000 steps), a second mix that continues from `examples/demo_v2` (`text` at step 1,000): one example
+   per pack of 8 windows, never cut at a pack boundary (`--mode memory --memory-negatives`, batch 32, d 15 then
+   31), so every passkey question sees its key lines in memory, among real text, next to rows of other examples.
+   Real text filling a pack (35% of the examples), passkeys in real text of one to eight windows with 1-3 named keys
+   at any depth (35%), in a few real lines repeated (10%), in the synthetic fillers (12%) and copy lists (8%).
+   `text2-positives` (500 steps) is the same without other examples in memory.
+
+    python examples/train_demo_model.py --work demo-run --stages text2,text2-positives
+
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
 
@@ -82,10 +91,31 @@ VOCAB_V2 = 2048
 TEXT_SHARE, COPY_SHARE = 0.45, 0.10  # shares of the `text` stage's tokens; the rest are passkey documents
 CHUNK_CHARS = (2000, 24000)  # training documents are cut into chunks of this many characters, at line starts
 V2_FLAGS = ["--batch-size", "16", "--pack-size", "4", "--cross-batch-range", "3"]
-STAGES_V2 = {  # name: (start from, steps, flags); data: WORK/text.jsonl; tokenizer: WORK/tokenizer-v2
-    "text": ("transfer", 2000, V2_FLAGS + ["--cross-batch-schedule", "300:7,700:15"]),
-    "text-positives": ("transfer", 2000, V2_FLAGS + ["--positives-only"]),
+STAGES_V2 = {  # name: (start from, steps, data, flags); start: a stage of WORK or a model directory
+    "text": ("transfer", 2000, "text", V2_FLAGS + ["--cross-batch-schedule", "300:7,700:15"]),
+    "text-positives": ("transfer", 2000, "text", V2_FLAGS + ["--positives-only"]),
 }
+
+# ---- v2, second mix (`text2`). In `text`, documents were cut into k = 4 windows wherever the stream's pack boundary
+# fell, so a passkey question was often in another pack than its key line (and row 0 of a pack saw no memory at
+# all): most real-haystack questions could not be answered, and the model learnt to guess a number. Here every
+# example is at most one pack of 8 windows (`--mode memory`: one example per pack, left-padded, never cut) and rows
+# also see other examples (`--memory-negatives`, d up to 31 of a batch of 32), so every key line is in the question
+# row's memory among real text, next to other examples' rows. Kinds, as shares of the examples: real text that fills
+# a pack (language modelling over up to 7 windows of memory), passkeys in real text (1-3 keys with distinct names
+# at any depth, haystacks of one to eight windows), passkeys in a few real lines repeated, passkeys in the synthetic
+# fillers (half of them the benchmark's exact format) and copy lists.
+EXAMPLE_TOKENS = 8 * WINDOW - 2  # an example's text tokens: with <s> and </s> it fills one pack of 8 windows
+TEXT2_KINDS = {"text": 0.35, "real": 0.35, "repeat": 0.10, "synthetic": 0.12, "copy": 0.08}
+TEXT2_EXAMPLES = 12000
+TEXT2_FLAGS = ["--mode", "memory", "--memory-negatives", "--batch-size", "32", "--pack-size", "8"]
+V2_START = Path(__file__).resolve().parent / "demo_v2"  # the `text` model at step 1,000, and its tokenizer
+STAGES_V2.update({
+    "text2": (str(V2_START), 1000, "text2", TEXT2_FLAGS + ["--cross-batch-range", "15",
+                                                               "--cross-batch-schedule", "100:31"]),
+    "text2-positives": (str(V2_START), 500, "text2", ["--mode", "memory", "--batch-size", "32",
+                                                            "--pack-size", "8"]),
+})
 
 
 CARD = """# LongLLaMA demo model
@@ -288,14 +318,89 @@ def transfer(work: Path, v1: Path) -> None:
     print(f"transfer: {out} ({sum(p.numel() for p in model.parameters()):,} parameters)", flush=True)
 
 
+def insert_keys(rng: random.Random, haystack: str, keys: dict[str, int]) -> str:
+    """TASK, `haystack` with the key lines of `keys` ({name: key}) on lines of their own at random depths (each
+    where a space or line break was), the question about one of them, and its answer."""
+    from longllama.passkey import TASK, key_line, question_line
+
+    spaces = [i for i, c in enumerate(haystack) if c in " \n"] or [0]
+    cuts = sorted(rng.choice(spaces) for _ in keys)
+    parts, previous = [TASK], 0
+    for (name, key), cut in zip(rng.sample(list(keys.items()), len(keys)), cuts):
+        if cut > previous:
+            parts.append(haystack[previous:cut].strip())
+        parts.append(key_line(key, name))
+        previous = cut
+    parts.append(haystack[previous:].strip() or "The grass is green.")
+    asked = rng.choice(list(keys))
+    return "\n".join(parts + [question_line(asked)]) + f" {keys[asked]}."
+
+
+def text2_example(rng: random.Random, kind: str, texts: list[str], count_tokens) -> str:
+    """One example of the `text2` mix, of at most EXAMPLE_TOKENS tokens (`count_tokens(text)`)."""
+    from longllama.passkey import KEY_RANGE
+
+    if kind == "copy":
+        return CopyTask(4, 40, 0, 700).document(rng)["text"]
+    if kind == "synthetic":  # the v1 fillers; half of these in the benchmark's exact format
+        task = PasskeyTask(60, 1400, max_keys=3, spec_share=0.5, names=NAMES)
+        while count_tokens(text := task.document(rng)["text"]) > EXAMPLE_TOKENS:
+            pass
+        return text
+    if kind == "text":  # a span that fills the pack, from a line start
+        chars = round(3.3 * EXAMPLE_TOKENS)
+    else:  # one to eight windows of haystack
+        chars = round(2.9 * rng.randint(WINDOW // 2, EXAMPLE_TOKENS - 100))
+    text = rng.choice(texts)
+    start = text.find("\n", rng.randrange(max(1, len(text) - chars))) + 1
+    names = ["pass"] if rng.random() < 0.4 else rng.sample(NAMES, rng.randint(1, 3))
+    keys = {name: rng.randrange(*KEY_RANGE) for name in names}
+    if kind == "repeat":  # one to four lines repeated: an unseen repeated filler
+        lines = [line.strip() for line in text[start:].split("\n", 8)[:-1] if line.strip()][: rng.randint(1, 4)]
+        unit = " ".join(lines) or "The grass is green."
+        haystack = " ".join([unit] * max(1, chars // (len(unit) + 1)))
+    else:
+        haystack = text[start : start + chars]
+    while True:
+        example = haystack if kind == "text" else insert_keys(rng, haystack, keys)
+        if count_tokens(example) <= EXAMPLE_TOKENS:
+            return example
+        cut = haystack.rfind("\n" if kind == "text" else " ", 0, len(haystack) * 9 // 10)
+        haystack = haystack[: cut if cut > 0 else len(haystack) * 9 // 10]
+
+
+def prepare_text2(work: Path, seed: int, tokenizer_dir: Path) -> None:
+    """WORK/text2.jsonl: TEXT2_EXAMPLES examples of the `text2` mix from the corpus's training split, each at most
+    one pack (its tokens counted with the tokenizer of `tokenizer_dir`)."""
+    import sentencepiece as spm
+
+    from longllama.corpus import read_corpus, write_corpus
+
+    if (work / "text2.jsonl").is_file():
+        return
+    if not (work / "corpus" / "manifest.json").is_file():
+        write_corpus(work / "corpus")
+    texts = [document.text for document in read_corpus(work / "corpus" / "train.jsonl")]
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    rng = random.Random(f"text2-{seed}")
+    kinds = rng.choices(list(TEXT2_KINDS), weights=list(TEXT2_KINDS.values()), k=TEXT2_EXAMPLES)
+    lines = [json.dumps({"text": text2_example(rng, kind, texts, lambda t: len(sp.encode(t))), "kind": kind}) + "\n"
+             for kind in kinds]
+    atomic_write_text(work / "text2.jsonl", "".join(lines))
+
+
 def train_v2(work: Path, name: str, seed: int, lr: float) -> None:
-    start, steps, flags = STAGES_V2[name]
+    start, steps, data, flags = STAGES_V2[name]
     if (work / name / "model" / "config.json").is_file():
         print(f"{name}: done already", flush=True)
         return
+    start = work / start / "model" if start in STAGES_V2 or start == "transfer" else Path(start)
+    if not (start / "config.json").is_file():
+        sys.exit(f"stage {name} starts from {start}, which is not trained yet.")
+    tokenizer = work / "tokenizer-v2" if data == "text" else start
     command = [
-        sys.executable, "-m", "longllama.train", "--model", str(work / start / "model"),
-        "--tokenizer", str(work / "tokenizer-v2"), "--data", str(work / "text.jsonl"),
+        sys.executable, "-m", "longllama.train", "--model", str(start),
+        "--tokenizer", str(tokenizer), "--data", str(work / f"{data}.jsonl"),
         "--output-dir", str(work / name), "--steps", str(steps), "--lr", str(lr), "--warmup-steps", "100",
         "--seed", str(seed), "--save-every", "250", "--log-every", "50", "--resume", "auto", *flags,
     ]
@@ -312,11 +417,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of every stage")
     parser.add_argument("--stages", default="local,copy,fot,transfer,text", help="stages to run, in order (v1: "
                         "local,copy,fot, and positives,documents for its ablation; v2: transfer,text, and "
-                        "text-positives for its ablation; default: %(default)s)")
+                        "text-positives for its ablation; v2's second mix, from examples/demo_v2: text2, and "
+                        "text2-positives for its ablation; default: %(default)s)")
     parser.add_argument("--v1", type=Path, help="the v1 model that `transfer` starts from (default: WORK/fot/model; "
                         "e.g. a checkout's longllama/demo_model of before issue 20)")
-    parser.add_argument("--install", nargs="?", const="text", choices=["fot", "text"],
-                        help="copy this stage's model (default: text, the v2 model; fot: the v1 model) and its "
+    parser.add_argument("--install", nargs="?", const="text2", choices=["fot", "text", "text2"],
+                        help="copy this stage's model (default: text2, the second v2 mix; text: the first; fot: the v1 model) and its "
                         "tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -327,8 +433,10 @@ def main() -> None:
     started = time.perf_counter()
     if any(name in STAGES for name in stages):
         prepare(args.work, args.seed)
-    if any(name not in STAGES for name in stages):
+    if any(name in ("transfer", "text", "text-positives") for name in stages):
         prepare_v2(args.work, args.seed)
+    if any(name.startswith("text2") for name in stages):
+        prepare_text2(args.work, args.seed, V2_START)
     for name in stages:
         if name in STAGES:
             train(args.work, name, args.seed, args.lr)
@@ -343,8 +451,8 @@ def main() -> None:
         model = args.work / args.install / "model"
         if not (model / "config.json").is_file():
             sys.exit(f"--install: {model} does not exist yet; run the {args.install} stage first.")
-        tokenizer = args.work / ("tokenizer-v2" if args.install == "text" else "tokenizer")
-        write_checkpoint(model, tokenizer, DEMO_DIR, CARD_V2 if args.install == "text" else CARD,
+        tokenizer = {"fot": args.work / "tokenizer", "text": args.work / "tokenizer-v2", "text2": model}[args.install]
+        write_checkpoint(model, tokenizer, DEMO_DIR, CARD if args.install == "fot" else CARD_V2,
                          last_context_length=LAST_CONTEXT_LENGTH, mem_top_k=MEM_TOP_K, code=False)
         print(f"installed into {DEMO_DIR} (demo_checkpoint() adds the remote code from modeling/)")
 

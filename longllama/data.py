@@ -284,16 +284,36 @@ class PackedBatches:
 class MemoryFineTuningBatches:
     """Memory fine-tuning: each pack of `pack_size` rows holds one example of at most `pack_size * window` tokens,
     left-padded by a random amount; row i sees the earlier rows of its pack (no negatives). Longer examples keep
-    their last `pack_size * window` tokens (`truncated` counts them)."""
+    their last `pack_size * window` tokens (`truncated` counts them).
+
+    With `cross_batch_range` d (at least `pack_size - 1`) rows also see rows of earlier packs, which hold other
+    examples (negatives), by the FoT stepping rule (`cross_batch_ranges`); every row still sees all earlier rows of
+    its own pack, so an example's question can always reach its answer, wherever the padding put it."""
 
     def __init__(self, stream: TokenStream, batch_size: int, window: int, pack_size: int, seed: int = 0,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, cross_batch_range: int | None = None):
         _check_layout(batch_size, pack_size, window, pack_size - 1)
         self.stream, self.batch_size, self.window, self.pack_size = stream, batch_size, window, pack_size
         self.pad_token_id = pad_token_id
-        self.rows = cross_batch_rows(cross_batch_ranges(batch_size, pack_size - 1, pack_size, positives_only=True))
+        self.cross_batch_range = None
+        self.set_cross_batch_range(cross_batch_range)
         self.rng = random.Random(seed)
         self.truncated = 0
+
+    def set_cross_batch_range(self, cross_batch_range: int | None) -> None:
+        """d for the batches from now on (None: positives only, the earlier rows of the pack)."""
+        if cross_batch_range is None:
+            self.rows = cross_batch_rows(cross_batch_ranges(
+                self.batch_size, self.pack_size - 1, self.pack_size, positives_only=True))
+        elif cross_batch_range != self.cross_batch_range:
+            if cross_batch_range < self.pack_size - 1:
+                raise ValueError(
+                    f"cross_batch_range={cross_batch_range} with negatives must be at least pack_size - 1 = "
+                    f"{self.pack_size - 1}, so that every row sees all earlier rows of its own example."
+                )
+            _check_layout(self.batch_size, self.pack_size, self.window, cross_batch_range)
+            self.rows = cross_batch_rows(cross_batch_ranges(self.batch_size, cross_batch_range, self.pack_size))
+        self.cross_batch_range = cross_batch_range
 
     def __iter__(self):
         return self

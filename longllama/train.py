@@ -48,13 +48,14 @@ class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)  # .txt / .jsonl files or directories
     text_field: str = "text"  # field of the .jsonl objects holding the text
-    mode: str = "fot"  # fot: k-packed crossbatch; memory: memory fine-tuning (no negatives)
+    mode: str = "fot"  # fot: k-packed crossbatch; memory: memory fine-tuning (negatives: memory_negatives)
     window: int | None = None  # tokens per row (default: the model's window, max_position_embeddings)
     batch_size: int = 8  # rows per process and micro-batch (crossbatch happens inside it)
     pack_size: int = 4  # k: consecutive rows holding consecutive segments of one document
     cross_batch_range: int = 3  # d: rows each row may see (0 = no crossbatch)
     stepping: bool = True  # the FoT stepping rule (mix of rows with few and many extra contexts)
     positives_only: bool = False  # memory holds only the same document's earlier rows (ablation)
+    memory_negatives: bool = False  # --mode memory: rows also see up to d rows of other examples (negatives)
     cross_batch_schedule: str | None = None  # "STEP:D,...": d from STEP on (before the first: cross_batch_range)
     # optimisation (defaults: the published FoT fine-tuning recipe)
     steps: int = 1000  # optimizer steps
@@ -84,7 +85,8 @@ class TrainConfig:
 CHECKPOINT_FORMAT = "longllama-train-checkpoint-2"  # 2: safetensors and JSON only (1 was accelerate's pickles)
 # fields that must match for a checkpoint to be resumed: they decide the model and the exact data order
 RESUME_KEYS = ("model", "init_config", "data", "text_field", "mode", "window", "batch_size", "pack_size",
-               "cross_batch_range", "cross_batch_schedule", "stepping", "positives_only", "grad_accum", "seed")
+               "cross_batch_range", "cross_batch_schedule", "stepping", "positives_only", "memory_negatives",
+               "grad_accum", "seed")
 
 
 def _field_type(f: dataclasses.Field):
@@ -160,6 +162,8 @@ _HELP = {
     "cross_batch_range": "d: how many earlier rows each row's memory layers see",
     "stepping": "FoT stepping rule for k-packed batches",
     "positives_only": "memory sees only earlier rows of the same document (no negatives)",
+    "memory_negatives": "with --mode memory: rows also see rows of other examples (negatives), up to "
+    "--cross-batch-range rows by the FoT stepping rule (d >= pack_size - 1: every row still sees its whole example)",
     "cross_batch_schedule": "raise d during training, as the paper's small models: '500:7,1000:15' uses "
     "--cross-batch-range until step 500, then d=7, from step 1000 d=15 (negatives make the retrieval harder to "
     "learn from scratch; start with few)",
@@ -233,6 +237,9 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "pack_size", "grad_accum", "log_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    if cfg.memory_negatives and cfg.mode != "memory":
+        raise ValueError("--memory-negatives adds other examples to the memory of --mode memory; --mode fot has "
+                         "negatives already.")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {cfg.threads}.")
     cross_batch_schedule(cfg)
@@ -242,8 +249,9 @@ def cross_batch_schedule(cfg: TrainConfig) -> list[tuple[int, int]]:
     """`--cross-batch-schedule` as `[(step, d), ...]`, checked: steps increasing, d at least 0, FoT mode only."""
     if not cfg.cross_batch_schedule:
         return []
-    if cfg.mode != "fot":
-        raise ValueError("--cross-batch-schedule raises d of FoT crossbatch: it needs --mode fot.")
+    if cfg.mode != "fot" and not cfg.memory_negatives:
+        raise ValueError("--cross-batch-schedule raises d of FoT crossbatch: it needs --mode fot (or --mode memory "
+                         "with --memory-negatives).")
     schedule = []
     for item in cfg.cross_batch_schedule.replace(" ", "").split(","):
         try:
@@ -372,10 +380,14 @@ def make_batches(cfg: TrainConfig, tokenizer, window: int, rank: int, world_size
     from .data import DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream
 
     stream = TokenStream(DocumentSource(files=cfg.data, text_field=cfg.text_field), tokenizer, rank, world_size)
-    if cfg.mode == "memory":
+    if cfg.mode == "memory" and not cfg.memory_negatives:
         return MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank, pad_token_id)
-    batches = PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.cross_batch_range, cfg.stepping,
-                            cfg.positives_only)
+    if cfg.mode == "memory":
+        batches = MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank,
+                                          pad_token_id, cfg.cross_batch_range)
+    else:
+        batches = PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.cross_batch_range, cfg.stepping,
+                                cfg.positives_only)
     for _, d in cross_batch_schedule(cfg):  # every scheduled d must fit the batch: fail now, not at that step
         batches.set_cross_batch_range(d)
     batches.set_cross_batch_range(cfg.cross_batch_range)

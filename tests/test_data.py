@@ -55,10 +55,11 @@ def packed(documents, tok, batch_size, window, pack_size, cross_batch_range=0, r
     return PackedBatches(stream, batch_size, window, pack_size, cross_batch_range, **kwargs)
 
 
-def memory(documents, tok, batch_size, window, pack_size, seed=0, rank=0, world_size=1):
+def memory(documents, tok, batch_size, window, pack_size, seed=0, rank=0, world_size=1, cross_batch_range=None):
     source = DocumentSource(documents) if isinstance(documents, list) else documents
     stream = TokenStream(source, tok, rank, world_size)
-    return MemoryFineTuningBatches(stream, batch_size, window, pack_size, seed=seed, pad_token_id=PAD)
+    return MemoryFineTuningBatches(stream, batch_size, window, pack_size, seed=seed, pad_token_id=PAD,
+                                   cross_batch_range=cross_batch_range)
 
 
 def take(batches, n: int) -> list[dict]:
@@ -402,6 +403,31 @@ def test_memory_fine_tuning_truncates_long_examples(tok):
     assert examples == [docs[0], docs[1][-8:], docs[2][-8:], docs[3]]
     assert examples[1][-1] == EOS and examples[1][0] != BOS
     assert batches.truncated == 2
+
+
+def test_memory_fine_tuning_with_negatives(tok):
+    """--memory-negatives: the same packs (one example each, same padding for the same seed), and every row sees all
+    earlier rows of its own example plus rows of earlier packs (other examples), by the stepping rule."""
+    window, k, batch_size, d = 4, 3, 9, 7
+    words = [text(w) for w in marked_documents([3, 9, 1, 10, 5, 7, 2, 8, 4])]
+    plain = take(memory(words, tok, batch_size, window, k, seed=5), 3)
+    negatives = memory(words, tok, batch_size, window, k, seed=5, cross_batch_range=d)
+    expected_rows = cross_batch_rows(cross_batch_ranges(batch_size, d, k))
+    for a, b in zip(plain, take(negatives, 3)):
+        for key in ("input_ids", "attention_mask", "targets"):
+            assert torch.equal(a[key], b[key])
+        assert torch.equal(b["cross_batch_rows"], expected_rows)
+    seen = [[r for r in row if r >= 0] for row in expected_rows.tolist()]
+    for b, rows in enumerate(seen):
+        assert set(range(b - b % k, b)) <= set(rows), "all earlier rows of its own example"
+    assert seen[8] == list(range(1, 8)), "the last row: its example's two earlier rows and five of other examples"
+    assert any(r < b - b % k for b, rows in enumerate(seen) for r in rows), "negatives: rows of other examples"
+    negatives.set_cross_batch_range(None)
+    assert torch.equal(next(negatives)["cross_batch_rows"], plain[0]["cross_batch_rows"])
+    with pytest.raises(ValueError, match="at least pack_size - 1 = 2"):
+        memory(words, tok, batch_size, window, k, cross_batch_range=1)
+    with pytest.raises(ValueError, match="needs more rows than the batch"):
+        memory(words, tok, batch_size, window, k, cross_batch_range=9)
 
 
 def test_memory_fine_tuning_layout_errors(tok):

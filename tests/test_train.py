@@ -536,6 +536,9 @@ def test_cross_batch_schedule_parsing():
             check_config(dataclasses.replace(cfg, cross_batch_schedule=bad))
     with pytest.raises(ValueError, match="--mode fot"):
         check_config(dataclasses.replace(cfg, mode="memory"))
+    check_config(dataclasses.replace(cfg, mode="memory", memory_negatives=True))  # memory mode with negatives
+    with pytest.raises(ValueError, match="--mode fot has negatives already"):
+        check_config(dataclasses.replace(cfg, memory_negatives=True))
 
 
 def test_packed_batches_new_cross_batch_range_keeps_the_data():
@@ -682,6 +685,28 @@ def test_memory_mode_runs(ws, tmp_path):
     data_state = json.loads((output / "checkpoints" / "step-3" / "data-rank0.json").read_text())
     assert data_state["stream"]["consumed"] == 3 * 2 and "rng" in data_state
     assert (output / "model" / "model.safetensors").is_file()
+
+
+def test_memory_mode_with_negatives_runs(ws, tmp_path):
+    """--mode memory --memory-negatives: the same examples and padding as plain memory mode. With d = 1 =
+    pack_size - 1 a row sees only its own example's earlier row (the stepping rule), so the first step is plain
+    memory mode's; from step 2 (d = 3) rows also see other examples, and the loss differs."""
+    plain, negatives = tmp_path / "plain", tmp_path / "negatives"
+    code, _, err = run(ws.args(plain, "--steps", 2, "--log-every", 1, "--mode", "memory", "--pack-size", 2))
+    assert code == 0, err
+    code, _, err = run(ws.args(negatives, "--steps", 2, "--log-every", 1, "--mode", "memory", "--pack-size", 2,
+                               "--memory-negatives", "--cross-batch-range", 1, "--cross-batch-schedule", "1:3"))
+    assert code == 0, err
+    log = read_log(negatives)
+    assert [r["cross_batch_range"] for r in log] == [1, 3]
+    assert [r["tokens_seen"] for r in log] == [r["tokens_seen"] for r in read_log(plain)]  # the same examples
+    assert log[0]["loss"] == pytest.approx(read_log(plain)[0]["loss"], abs=1e-6)
+    assert log[1]["loss"] != pytest.approx(read_log(plain)[1]["loss"], abs=1e-6)  # other examples in memory
+    assert json.loads((negatives / "checkpoints" / "step-2" / "data-rank0.json").read_text()) == json.loads(
+        (plain / "checkpoints" / "step-2" / "data-rank0.json").read_text())
+    code, _, err = run(ws.args(tmp_path / "bad", "--steps", 1, "--mode", "memory", "--pack-size", 4,
+                               "--memory-negatives", "--cross-batch-range", 2))
+    assert code == 2 and "at least pack_size - 1 = 3" in err
 
 
 # =========================================================================== DDP
