@@ -32,17 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from longllama import LongLlamaCache, demo_checkpoint
-from longllama.passkey import FILLER, TASK, key_line, question_line
-
+# torch, transformers and the package load in the functions that use them, after the arguments are parsed: `--help`
+# and argument errors answer at once (`import longllama` registers with transformers, which takes seconds)
 NAMES = ("door", "river", "silver")
 
 
 def build_document(tokenizer, tokens: int, keys: dict[str, int]) -> str:
     """Task line, then filler with one key line at each of the depths 0.2, 0.5 and 0.8, about `tokens` tokens long."""
+    from longllama.passkey import FILLER, TASK, key_line
+
     per_filler = len(tokenizer(FILLER, add_special_tokens=False).input_ids)
     repeats = max(1, tokens // per_filler)
     cuts = [0, int(repeats * 0.2), int(repeats * 0.5), int(repeats * 0.8), repeats]
@@ -86,6 +84,10 @@ def constant_questions(text: str, count: int, rng: random.Random) -> list[tuple[
 
 def ask_held_out(model, tokenizer, args, generation) -> None:
     """Read a held-out document once, then ask each question from the saved session and from the last window only."""
+    import torch
+
+    from longllama import LongLlamaCache
+
     text = held_out_document(tokenizer, args.held_out, args.tokens)
     questions = constant_questions(text, args.questions, random.Random(args.seed))
     if not questions:
@@ -137,6 +139,12 @@ def main():
     args = parser.parse_args()
     if args.tokens < 1000:
         parser.error("--tokens must be at least 1000: the document is filler with three key lines")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longllama import LongLlamaCache, demo_checkpoint
+    from longllama.passkey import question_line
 
     path = args.model or demo_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -12,18 +12,19 @@ import argparse
 import tempfile
 import time
 
-import torch
-from transformers import AutoModelForCausalLM
-
-from longllama import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=20_000, help="prompt length in tokens (default 20000)")
     parser.add_argument("--save-dir", help="where to save the checkpoint (default: a temporary directory)")
-    args = parser.parse_args()
+    args = parser.parse_args()  # before torch and transformers load: --help answers at once
 
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from longllama import LongLlamaCache, LongLlamaConfig, LongLlamaForCausalLM
+
+    torch.set_grad_enabled(False)
     # A small random model: 4 layers, memory in layers 1 and 2, windows of 512 tokens.
     torch.manual_seed(0)
     config = LongLlamaConfig(
@@ -54,5 +55,4 @@ def main():
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    main()

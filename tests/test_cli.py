@@ -6,6 +6,7 @@ registers with the Auto classes everywhere else (`longllama/__init__.py`)."""
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,19 @@ def test_argument_errors_come_before_torch_loads(name):
     result, imported = run_script(name, *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not imported & HEAVY
+
+
+@pytest.mark.parametrize("name", ["quickstart.py", "document_session.py"])
+def test_example_help_answers_before_torch_loads(name):
+    """The examples a newcomer runs first parse their arguments before torch, transformers and the package load."""
+    script = Path(__file__).resolve().parents[1] / "examples" / name
+    for args, code, answer in ((["--help"], 0, "usage:"), (["--tokens", "x"], 2, "error: argument --tokens")):
+        result = subprocess.run([sys.executable, "-X", "importtime", str(script), *args], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == code and answer in result.stdout + result.stderr, result.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "argparse" in imported and not imported & (HEAVY | {"longllama"})
 
 
 def test_train_help_prints_each_default_once():
