@@ -70,7 +70,7 @@ def held_out_document(tokenizer, name: str, tokens: int) -> str:
     if "\n" not in cut:
         raise SystemExit(f"--held-out {name}: this model's tokenizer does not keep line breaks, so the document "
                          "has no lines to ask about; pass --model with a real-text model (e.g. examples/demo_v2_text2)")
-    return cut[: cut.rfind("\n") + 1] if "\n" in cut else cut
+    return cut[: cut.rfind("\n") + 1]
 
 
 def constant_questions(text: str, count: int, rng: random.Random) -> list[tuple[str, str]]:

@@ -246,7 +246,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def cross_batch_schedule(cfg: TrainConfig) -> list[tuple[int, int]]:
-    """`--cross-batch-schedule` as `[(step, d), ...]`, checked: steps increasing, d at least 0, FoT mode only."""
+    """`--cross-batch-schedule` as `[(step, d), ...]`, checked: steps increasing, d at least 0, only where there are
+    negatives (--mode fot, or --mode memory --memory-negatives)."""
     if not cfg.cross_batch_schedule:
         return []
     if cfg.mode != "fot" and not cfg.memory_negatives:
@@ -380,17 +381,16 @@ def make_batches(cfg: TrainConfig, tokenizer, window: int, rank: int, world_size
     from .data import DocumentSource, MemoryFineTuningBatches, PackedBatches, TokenStream
 
     stream = TokenStream(DocumentSource(files=cfg.data, text_field=cfg.text_field), tokenizer, rank, world_size)
-    if cfg.mode == "memory" and not cfg.memory_negatives:
-        return MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank, pad_token_id)
+    d = cfg.cross_batch_range
     if cfg.mode == "memory":
+        d = d if cfg.memory_negatives else None  # None: only the earlier rows of the example's own pack
         batches = MemoryFineTuningBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.seed + rank,
-                                          pad_token_id, cfg.cross_batch_range)
+                                          pad_token_id, d)
     else:
-        batches = PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, cfg.cross_batch_range, cfg.stepping,
-                                cfg.positives_only)
-    for _, d in cross_batch_schedule(cfg):  # every scheduled d must fit the batch: fail now, not at that step
-        batches.set_cross_batch_range(d)
-    batches.set_cross_batch_range(cfg.cross_batch_range)
+        batches = PackedBatches(stream, cfg.batch_size, window, cfg.pack_size, d, cfg.stepping, cfg.positives_only)
+    for _, scheduled in cross_batch_schedule(cfg):  # every scheduled d must fit the batch: fail now, not at that step
+        batches.set_cross_batch_range(scheduled)
+    batches.set_cross_batch_range(d)
     return batches
 
 
@@ -506,7 +506,7 @@ def train(cfg: TrainConfig) -> Path:
         log_file.parent.mkdir(parents=True, exist_ok=True)
 
     # ---- loop
-    schedule = cross_batch_schedule(cfg)  # [] in memory mode (check_config refuses a schedule there)
+    schedule = cross_batch_schedule(cfg)  # [] in memory mode without --memory-negatives (check_config refuses one)
     # a bar on the main process's terminal only (`disable=None`: none when stderr is a file or pipe)
     progress = logging.tqdm(total=cfg.steps, initial=step, desc="longllama-train",
                             disable=None if accelerator.is_main_process else True)

@@ -24,8 +24,9 @@ NO_TORCH = {"longllama-corpus"}  # reads text files only: no torch threads to se
 
 
 def run_script(name: str, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    """Run the installed console script under `python -X importtime`: (the result, top-level modules it imported)."""
-    script = shutil.which(name)
+    """Run the installed console script `name`, or the Python file at path `name`, under `python -X importtime`:
+    (the result, top-level modules it imported)."""
+    script = name if Path(name).is_file() else shutil.which(name)
     assert script, f"the {name} console script is not installed (pip install -e .)"
     result = subprocess.run([sys.executable, "-X", "importtime", script, *args], capture_output=True, text=True,
                             timeout=120)
@@ -58,13 +59,10 @@ def test_argument_errors_come_before_torch_loads(name):
 @pytest.mark.parametrize("name", ["quickstart.py", "document_session.py"])
 def test_example_help_answers_before_torch_loads(name):
     """The examples a newcomer runs first parse their arguments before torch, transformers and the package load."""
-    script = Path(__file__).resolve().parents[1] / "examples" / name
+    script = str(Path(__file__).resolve().parents[1] / "examples" / name)
     for args, code, answer in ((["--help"], 0, "usage:"), (["--tokens", "x"], 2, "error: argument --tokens")):
-        result = subprocess.run([sys.executable, "-X", "importtime", str(script), *args], capture_output=True,
-                                text=True, timeout=120)
+        result, imported = run_script(script, *args)
         assert result.returncode == code and answer in result.stdout + result.stderr, result.stderr[-2000:]
-        imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-                    if line.startswith("import time:")}
         assert "argparse" in imported and not imported & (HEAVY | {"longllama"})
 
 
