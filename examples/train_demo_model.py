@@ -40,6 +40,13 @@ Version 2 (issue 20) continues from the v1 model with real text:
 
     python examples/train_demo_model.py --work demo-run --stages text2,text2-positives
 
+7. `text2-bank` (400 steps), from `text2` at step 500 (`examples/demo_v2_text2`) on new examples of the same mix,
+   lr 1e-3: every row's memory also holds each query's 4 best entries among the keys of the last 128 windows of
+   earlier batches (`--memory-bank`, docs/training.md#memory-bank), the distractors kNN retrieval meets in a long
+   memory.
+
+    python examples/train_demo_model.py --work demo-run --stages text2-bank
+
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
 
@@ -116,6 +123,17 @@ STAGES_V2.update({
     "text2-positives": (str(V2_START), 500, "text2", ["--mode", "memory", "--batch-size", "32",
                                                             "--pack-size", "8"]),
 })
+
+# ---- v2, third step (`text2-bank`). `text2` at step 500 finds keys in 16k-32k tokens of prose but not in 100k: at
+# inference kNN retrieval picks each query's 64 best keys from the whole memory, and among 100k+ tokens of real text
+# some distractors outscore the key line, while in training a row's memory held at most 31 windows (8k tokens). A
+# memory bank (`--memory-bank`) gives every row, besides its 31 windows, the 4 best entries of each of its queries
+# among the keys that the last 128 windows (32k tokens) of earlier batches wrote: the hard negatives that kNN retrieval
+# would put next to the key. From `text2` at step 500 (examples/demo_v2_text2), on new examples of the same mix.
+V2_TEXT2 = Path(__file__).resolve().parent / "demo_v2_text2"
+STAGES_V2["text2-bank"] = (str(V2_TEXT2), 400, "text2b", TEXT2_FLAGS + [
+    "--cross-batch-range", "31", "--memory-bank", "128", "--memory-bank-top-k", "4", "--lr", "1e-3",
+    "--save-every", "100", "--keep-checkpoints", "4"])
 
 
 CARD = """# LongLLaMA demo model
@@ -369,24 +387,24 @@ def text2_example(rng: random.Random, kind: str, texts: list[str], count_tokens)
         haystack = haystack[: cut if cut > 0 else len(haystack) * 9 // 10]
 
 
-def prepare_text2(work: Path, seed: int, tokenizer_dir: Path) -> None:
-    """WORK/text2.jsonl: TEXT2_EXAMPLES examples of the `text2` mix from the corpus's training split, each at most
-    one pack (its tokens counted with the tokenizer of `tokenizer_dir`)."""
+def prepare_text2(work: Path, seed: int, tokenizer_dir: Path, name: str = "text2") -> None:
+    """WORK/NAME.jsonl: TEXT2_EXAMPLES examples of the `text2` mix from the corpus's training split, each at most
+    one pack (its tokens counted with the tokenizer of `tokenizer_dir`); each name draws other examples."""
     import sentencepiece as spm
 
     from longllama.corpus import read_corpus, write_corpus
 
-    if (work / "text2.jsonl").is_file():
+    if (work / f"{name}.jsonl").is_file():
         return
     if not (work / "corpus" / "manifest.json").is_file():
         write_corpus(work / "corpus")
     texts = [document.text for document in read_corpus(work / "corpus" / "train.jsonl")]
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
-    rng = random.Random(f"text2-{seed}")
+    rng = random.Random(f"{name}-{seed}")
     kinds = rng.choices(list(TEXT2_KINDS), weights=list(TEXT2_KINDS.values()), k=TEXT2_EXAMPLES)
     lines = [json.dumps({"text": text2_example(rng, kind, texts, lambda t: len(sp.encode(t))), "kind": kind}) + "\n"
              for kind in kinds]
-    atomic_write_text(work / "text2.jsonl", "".join(lines))
+    atomic_write_text(work / f"{name}.jsonl", "".join(lines))
 
 
 def train_v2(work: Path, name: str, seed: int, lr: float) -> None:
@@ -418,11 +436,13 @@ def main() -> None:
     parser.add_argument("--stages", default="local,copy,fot,transfer,text", help="stages to run, in order (v1: "
                         "local,copy,fot, and positives,documents for its ablation; v2: transfer,text, and "
                         "text-positives for its ablation; v2's second mix, from examples/demo_v2: text2, and "
-                        "text2-positives for its ablation; default: %(default)s)")
+                        "text2-positives for its ablation; then text2-bank, from examples/demo_v2_text2; default: "
+                        "%(default)s)")
     parser.add_argument("--v1", type=Path, help="the v1 model that `transfer` starts from (default: WORK/fot/model; "
                         "e.g. a checkout's longllama/demo_model of before issue 20)")
-    parser.add_argument("--install", nargs="?", const="text2", choices=["fot", "text", "text2"],
-                        help="copy this stage's model (default: text2, the second v2 mix; text: the first; fot: the v1 model) and its "
+    parser.add_argument("--install", nargs="?", const="text2", choices=["fot", "text", "text2", "text2-bank"],
+                        help="copy this stage's model (default: text2, the second v2 mix; text2-bank: its memory-bank "
+                        "continuation; text: the first; fot: the v1 model) and its "
                         "tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -435,8 +455,10 @@ def main() -> None:
         prepare(args.work, args.seed)
     if any(name in ("transfer", "text", "text-positives") for name in stages):
         prepare_v2(args.work, args.seed)
-    if any(name.startswith("text2") for name in stages):
+    if any(name in ("text2", "text2-positives") for name in stages):
         prepare_text2(args.work, args.seed, V2_START)
+    if "text2-bank" in stages:
+        prepare_text2(args.work, args.seed, V2_START, "text2b")
     for name in stages:
         if name in STAGES:
             train(args.work, name, args.seed, args.lr)
@@ -451,7 +473,7 @@ def main() -> None:
         model = args.work / args.install / "model"
         if not (model / "config.json").is_file():
             sys.exit(f"--install: {model} does not exist yet; run the {args.install} stage first.")
-        tokenizer = {"fot": args.work / "tokenizer", "text": args.work / "tokenizer-v2", "text2": model}[args.install]
+        tokenizer = {"fot": args.work / "tokenizer", "text": args.work / "tokenizer-v2"}.get(args.install, model)
         write_checkpoint(model, tokenizer, DEMO_DIR, CARD if args.install == "fot" else CARD_V2,
                          last_context_length=LAST_CONTEXT_LENGTH, mem_top_k=MEM_TOP_K, code=False)
         print(f"installed into {DEMO_DIR} (demo_checkpoint() adds the remote code from modeling/)")

@@ -57,6 +57,8 @@ class TrainConfig:
     positives_only: bool = False  # memory holds only the same document's earlier rows (ablation)
     memory_negatives: bool = False  # --mode memory: rows also see up to d rows of other examples (negatives)
     cross_batch_schedule: str | None = None  # "STEP:D,...": d from STEP on (before the first: cross_batch_range)
+    memory_bank: int = 0  # windows of earlier batches' keys and values each row also retrieves from (0: none)
+    memory_bank_top_k: int = 8  # bank entries each query retrieves
     # optimisation (defaults: the published FoT fine-tuning recipe)
     steps: int = 1000  # optimizer steps
     lr: float = 2e-5
@@ -86,7 +88,7 @@ CHECKPOINT_FORMAT = "longllama-train-checkpoint-2"  # 2: safetensors and JSON on
 # fields that must match for a checkpoint to be resumed: they decide the model and the exact data order
 RESUME_KEYS = ("model", "init_config", "data", "text_field", "mode", "window", "batch_size", "pack_size",
                "cross_batch_range", "cross_batch_schedule", "stepping", "positives_only", "memory_negatives",
-               "grad_accum", "seed")
+               "memory_bank", "memory_bank_top_k", "grad_accum", "seed")
 
 
 def _field_type(f: dataclasses.Field):
@@ -167,6 +169,11 @@ _HELP = {
     "cross_batch_schedule": "raise d during training, as the paper's small models: '500:7,1000:15' uses "
     "--cross-batch-range until step 500, then d=7, from step 1000 d=15 (negatives make the retrieval harder to "
     "learn from scratch; start with few)",
+    "memory_bank": "negatives beyond the batch: every row's memory also holds, without gradients, the entries it "
+    "retrieves from the keys and values that the last N windows of earlier batches wrote (N * window tokens), as kNN "
+    "retrieval from a long memory does at inference; needs negatives (--mode fot, or --mode memory "
+    "--memory-negatives); 0: off",
+    "memory_bank_top_k": "bank entries each query retrieves (a row gets the union over its queries)",
     "steps": "optimizer steps to train for",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay (not applied to norms)",
@@ -240,6 +247,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.memory_negatives and cfg.mode != "memory":
         raise ValueError("--memory-negatives adds other examples to the memory of --mode memory; --mode fot has "
                          "negatives already.")
+    if cfg.memory_bank < 0 or cfg.memory_bank_top_k < 1:
+        raise ValueError(f"--memory-bank must be at least 0 and --memory-bank-top-k at least 1, got {cfg.memory_bank} "
+                         f"and {cfg.memory_bank_top_k}.")
+    if cfg.memory_bank and (cfg.positives_only or (cfg.mode == "memory" and not cfg.memory_negatives)):
+        raise ValueError("--memory-bank adds other documents' keys to memory: it needs negatives (--mode fot "
+                         "without --positives-only, or --mode memory --memory-negatives).")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {cfg.threads}.")
     cross_batch_schedule(cfg)
@@ -321,7 +334,8 @@ def resolve_resume(cfg: TrainConfig, world_size: int) -> Path | None:
     check_no_pickles(path)
     state = read_trainer_state(path)
     saved, now = state["config"], dataclasses.asdict(cfg)
-    different = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    defaults = dataclasses.asdict(TrainConfig())  # options newer than the checkpoint had their default
+    different = [k for k in RESUME_KEYS if saved.get(k, defaults[k]) != now.get(k)]
     if different:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in different)
         raise ValueError(f"Cannot resume {path}: it was made with another configuration ({detail}).")
@@ -345,7 +359,17 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_seen: int, model, optimizer, scheduler):
+def load_bank(path: Path, device) -> dict:
+    """A memory bank's tensors from a resumable checkpoint (safetensors: nothing is unpickled)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no {path.name}: it was saved without --memory-bank.")
+    return load_file(path, device=str(device))
+
+
+def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_seen: int, model, optimizer, scheduler,
+                    bank=None):
     """Write `checkpoints/step-N` whole or not at all (a partial directory renamed into place at the end; partial
     directories a killed run left are removed first), then prune old ones."""
     from .checkpoint import save_state, train_state
@@ -359,6 +383,11 @@ def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_se
     save_state(partial, model=accelerator.unwrap_model(model), optimizer=optimizer, rank=accelerator.process_index,
                main=accelerator.is_main_process)
     (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(batches.state_dict()))
+    if bank is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.cpu() for k, v in bank.state_dict().items()}, partial / f"bank-rank{accelerator.process_index}"
+                  ".safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
@@ -448,6 +477,7 @@ def train(cfg: TrainConfig) -> Path:
     from transformers.utils import logging  # its bars honour transformers' `disable_progress_bar()`
 
     from .checkpoint import check_engine, load_state, whole_state
+    from .crossbatch import MemoryBank, set_memory_bank
     from .data import load_tokenizer
     from .evaluation import positive_attention_mass
     from .modeling import LongLlamaForCausalLM
@@ -491,6 +521,8 @@ def train(cfg: TrainConfig) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is ours to save (no pickles)
 
+    # negatives beyond the batch, per process (docs/training.md#memory-bank)
+    bank = MemoryBank(cfg.memory_bank * window, cfg.memory_bank_top_k) if cfg.memory_bank else None
     step, tokens_seen = 0, 0
     if resume_from is not None:
         state = read_trainer_state(resume_from)
@@ -498,6 +530,9 @@ def train(cfg: TrainConfig) -> Path:
                                       scheduler=scheduler, scaler=accelerator.scaler, rank=accelerator.process_index)
         data_file = resume_from / f"data-rank{accelerator.process_index}.json"
         batches.load_state_dict(json.loads(data_file.read_text()))
+        if bank is not None:
+            bank.load_state_dict(load_bank(resume_from / f"bank-rank{accelerator.process_index}.safetensors",
+                                           accelerator.device))
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"Resumed from {resume_from} at step {step}.")
     eval_docs = eval_documents(cfg, tokenizer, window) if cfg.eval_every else None
@@ -511,6 +546,7 @@ def train(cfg: TrainConfig) -> Path:
     progress = logging.tqdm(total=cfg.steps, initial=step, desc="longllama-train",
                             disable=None if accelerator.is_main_process else True)
     window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+    previous_bank = set_memory_bank(bank)  # None: no bank
     try:
         while step < cfg.steps:
             if schedule:
@@ -526,6 +562,8 @@ def train(cfg: TrainConfig) -> Path:
                     ).logits
                     loss = next_token_loss(logits, batch["targets"])
                     accelerator.backward(loss)
+                    if bank is not None:
+                        bank.commit()  # this micro-batch's keys join the bank for the next ones
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()  # a no-op until the last micro-batch (accelerate, DeepSpeed)
@@ -557,7 +595,7 @@ def train(cfg: TrainConfig) -> Path:
                 window_loss, window_tokens, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens, model, optimizer,
-                                scheduler)
+                                scheduler, bank)
     except KeyboardInterrupt:
         accelerator.print(
             f"\nInterrupted at step {step}. Checkpoints are written atomically: rerun with --resume auto to continue "
@@ -565,11 +603,12 @@ def train(cfg: TrainConfig) -> Path:
         )
         raise
     finally:
+        set_memory_bank(previous_bank)
         progress.close()
 
     # ---- final checkpoints: resumable state (one process or DDP) and a drop-in model
     if resumable:
-        save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens, model, optimizer, scheduler)
+        save_checkpoint(accelerator, cfg, step, batches, tokens_seen + window_tokens, model, optimizer, scheduler, bank)
     final = Path(cfg.output_dir) / "model"
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP / ZeRO-3 gather the shards)
     if accelerator.is_main_process:

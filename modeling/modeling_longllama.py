@@ -126,7 +126,8 @@ class LongLlamaAttention(LlamaAttention):
             # a single window and no session (training): the only memory is the crossbatch one
             memory = None
             if window.cross_batch_rows is not None:
-                memory = _cross_batch().memory(raw_key_states, value_states, window.valid, window.cross_batch_rows)
+                memory = _cross_batch().memory(raw_key_states, value_states, window.valid, window.cross_batch_rows,
+                                               query_states, self.layer_idx)
         else:
             layer_cache = cache.layers[self.layer_idx]
             if window.stores_local:

@@ -5,6 +5,8 @@
 2. The crossbatch forward `LongLlamaForCausalLM(..., cross_batch_rows=rows)`: against the ordinary forward (no extra
    rows), against windowed inference (positives-only packing), against a naive float64 reference written here, and
    its gradients, independence from unlisted rows, padding, gradient checkpointing and argument checks.
+3. The memory bank (negatives beyond the batch): its retrieval against brute force, what it holds, the forward
+   against listing the earlier rows, and where gradients go.
 
 Tiny models (conftest.tiny_model): vocab 99, hidden 32, 4 layers, 4 heads, memory in layer 1, window W=8,
 last_context_length 4, mem_dtype float32 unless a test says otherwise.
@@ -17,7 +19,14 @@ import torch
 import torch.nn.functional as F
 from conftest import max_err, tiny_model
 
-from longllama.crossbatch import context_mix, cross_batch_ranges, cross_batch_rows, row_documents
+from longllama.crossbatch import (
+    MemoryBank,
+    context_mix,
+    cross_batch_ranges,
+    cross_batch_rows,
+    row_documents,
+    set_memory_bank,
+)
 
 W = 8  # window (max_position_embeddings) of tiny_config
 ATOL = 1e-4  # fp32 model vs float64 reference / vs windowed inference
@@ -639,3 +648,138 @@ def test_multi_window_training_under_checkpointing_asks_for_cross_batch_rows():
     assert torch.isfinite(model(short, labels=short, use_cache=False).loss)
     with torch.no_grad():
         assert torch.isfinite(model(ids, labels=ids, use_cache=False).loss)
+
+
+# =========================================================================== 3. memory bank
+
+
+def test_bank_retrieves_the_union_of_each_valid_querys_top_k():
+    """Brute force: per row, the set of bank entries among the top_k q . k of any valid query of any head."""
+    torch.manual_seed(0)
+    B, H, Hkv, t, D, M, k = 3, 4, 2, 5, 8, 50, 3
+    bank = MemoryBank(capacity=M, top_k=k, block=7)  # blocks of 7: the running top-k across blocks is exercised
+    bank_keys, bank_values = torch.randn(Hkv, M, D), torch.randn(Hkv, M, D)
+    bank.load_state_dict({"layer1.keys": bank_keys, "layer1.values": bank_values})
+    queries = torch.randn(B, H, t, D)
+    valid = torch.ones(B, t, dtype=torch.bool)
+    valid[0, :2] = False
+    valid[2] = False  # a fully padded row retrieves nothing
+    keys, values, hits = bank.retrieve(1, queries, valid)
+    for b in range(B):
+        expected = set()
+        for head in range(H):
+            g = head // (H // Hkv)
+            for i in range(t):
+                if valid[b, i]:
+                    expected |= set((bank_keys[g] @ queries[b, head, i]).topk(k).indices.tolist())
+        assert int(hits[b].sum()) == len(expected)
+        got = {int(torch.nonzero((bank_keys[0] == keys[b, 0, j]).all(-1))) for j in range(len(expected))}
+        assert got == expected and bool(hits[b, : len(expected)].all()) and not bool(hits[b, len(expected) :].any())
+    order = [int(torch.nonzero((bank_keys[0] == keys[0, 0, j]).all(-1))) for j in range(int(hits[0].sum()))]
+    assert torch.equal(values[0, :, : len(order)], bank_values[:, order])  # the values of the same entries
+    assert not keys.requires_grad and not values.requires_grad
+
+
+def test_bank_holds_committed_entries_only_and_drops_the_oldest():
+    bank = MemoryBank(capacity=5, top_k=2)
+    q = torch.randn(1, 2, 3, 4)
+    assert bank.retrieve(0, q, torch.ones(1, 3, dtype=torch.bool)) is None and len(bank) == 0
+
+    def tokens(first: int, n: int) -> torch.Tensor:  # [1, 2, n, 4] whose entries count first, first + 1, ...
+        return torch.arange(first, first + n, dtype=torch.float32)[None, None, :, None].expand(1, 2, n, 4)
+
+    valid = torch.tensor([[True, False, True]])
+    bank.stage(0, tokens(0, 3), tokens(0, 3) + 100, valid)
+    assert len(bank) == 0  # staged: not yet retrievable
+    bank.stage(0, tokens(0, 3), tokens(0, 3) + 100, valid)  # a recomputed forward replaces, never adds twice
+    bank.commit()
+    assert bank.keys[0][0, :, 0].tolist() == [0, 2] and bank.values[0][0, :, 0].tolist() == [100, 102]
+    bank.stage(0, tokens(10, 3).requires_grad_(), tokens(10, 3), torch.ones(1, 3, dtype=torch.bool))
+    bank.commit()
+    bank.stage(0, tokens(20, 1), tokens(20, 1), torch.ones(1, 1, dtype=torch.bool))
+    bank.commit()
+    assert bank.keys[0][0, :, 0].tolist() == [2, 10, 11, 12, 20]  # capacity 5: the oldest (0) left
+    assert not bank.keys[0].requires_grad
+    restored = MemoryBank(capacity=5, top_k=2)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.keys[0], bank.keys[0]) and torch.equal(restored.values[0], bank.values[0])
+    with pytest.raises(ValueError, match="capacity >= 1 and top_k >= 1"):
+        MemoryBank(capacity=0, top_k=1)
+
+
+@pytest.mark.parametrize("case", ["one_memory_layer", "two_memory_layers_gqa"])
+def test_bank_with_top_k_of_its_size_equals_listing_the_earlier_rows(case):
+    """A batch retrieves, with top_k at least the bank's size, every valid token an earlier batch wrote: the same
+    logits as one crossbatch forward in which its rows also list all rows of the earlier batch."""
+    overrides = {"one_memory_layer": {}, "two_memory_layers_gqa": dict(mem_layers=[1, 2], num_key_value_heads=2)}
+    model = tiny_model(21, **overrides[case])
+    earlier, later = random_ids(3, W, seed=21), random_ids(2, W, seed=22)
+    earlier_mask = torch.ones(3, W, dtype=torch.long)
+    earlier_mask[1, :3] = 0  # padding never enters the bank
+    later_rows = torch.tensor([[-1], [0]])
+    bank = MemoryBank(capacity=100, top_k=100)
+    previous = set_memory_bank(bank)
+    try:
+        logits_of(model, earlier, attention_mask=earlier_mask, cross_batch_rows=torch.full((3, 0), -1))
+        bank.commit()
+        assert len(bank) == 3 * W - 3
+        with_bank = logits_of(model, later, cross_batch_rows=later_rows)
+    finally:
+        set_memory_bank(previous)
+    together = torch.cat([earlier, later])
+    rows = torch.tensor([[-1, -1, -1, -1], [-1, -1, -1, -1], [-1, -1, -1, -1], [0, 1, 2, -1], [0, 1, 2, 3]])
+    mask = torch.cat([earlier_mask, torch.ones(2, W, dtype=torch.long)])
+    expected = logits_of(model, together, attention_mask=mask, cross_batch_rows=rows)[3:]
+    assert max_err(with_bank, expected) < 1e-5
+    assert max_err(logits_of(model, later, cross_batch_rows=later_rows), expected) > 1e-2  # not vacuous
+
+
+def test_bank_entries_get_no_gradient_but_the_queries_do():
+    model = tiny_model(23).train()
+    bank = MemoryBank(capacity=64, top_k=2)
+    ids, rows = random_ids(2, W, seed=23), torch.tensor([[-1], [0]])
+    previous = set_memory_bank(bank)
+    try:
+        model(random_ids(2, W, seed=24), cross_batch_rows=rows)
+        bank.commit()
+        loss = model(ids, labels=ids, cross_batch_rows=rows).loss
+        loss.backward()
+    finally:
+        set_memory_bank(previous)
+    assert not bank.keys[1].requires_grad and len(bank) == 2 * W
+    with_bank = model.model.layers[1].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    model(ids, labels=ids, cross_batch_rows=rows).loss.backward()
+    assert max_err(with_bank, model.model.layers[1].self_attn.q_proj.weight.grad) > 1e-4  # retrieval changed it
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_bank_under_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+    """The replayed forward retrieves what the first one did (the batch's own keys join only at commit) and stages
+    its keys once."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(25, mem_layers=[0, 2]).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(use_reentrant=use_reentrant))
+        bank = MemoryBank(capacity=8 * W, top_k=2)  # room for both batches: a second copy would show
+        previous = set_memory_bank(bank)
+        try:
+            with torch.no_grad():
+                model(random_ids(4, W, seed=26), cross_batch_rows=rows_for(4, 1))
+            bank.commit()
+            ids = random_ids(4, W, seed=27)
+            out = model(ids, labels=ids, cross_batch_rows=rows_for(4, 1))
+            out.loss.backward()
+            bank.commit()
+        finally:
+            set_memory_bank(previous)
+        assert len(bank) == 8 * W and sorted(bank.keys) == [0, 2]
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        results.append((out.loss.detach(), grads, bank.state_dict()))
+    (loss, grads, state), (loss_ckpt, grads_ckpt, state_ckpt) = results
+    assert max_err(loss_ckpt, loss) < 1e-5
+    for name in grads:
+        assert max_err(grads_ckpt[name], grads[name]) < 1e-5, name
+    for name in state:
+        assert max_err(state_ckpt[name], state[name]) < 1e-4, name  # the replay's keys, float32 noise apart

@@ -849,3 +849,30 @@ def test_distraction_prompt_and_errors():
         distraction_prompt(doc[:15], [other], 8)
     with pytest.raises(ValueError, match="shorter than one window"):
         distraction_prompt(doc, [other[:7]], 8)
+
+
+def test_memory_bank_run_resumes_exactly(ws, run_a, tmp_path):
+    """--memory-bank: from step 2 rows also retrieve from the keys of earlier batches (the loss differs from the plain
+    run's); the bank is saved with each checkpoint (safetensors), so a resumed run ends with the same weights."""
+    flags = ("--memory-bank", 4, "--memory-bank-top-k", 2, "--log-every", 1)
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    code, _, err = run(ws.args(whole, "--steps", 4, *flags))
+    assert code == 0, err
+    log, plain = read_log(whole), read_log(run_a)
+    assert log[0]["loss"] == pytest.approx(plain[0]["loss"], abs=1e-6)  # the bank is empty at the first step
+    assert log[1]["loss"] != pytest.approx(plain[1]["loss"], abs=1e-4)
+    assert load_file(whole / "checkpoints" / "step-4" / "bank-rank0.safetensors")["layer1.keys"].shape[1] == 4 * WINDOW
+    code, _, err = run(ws.args(pieces, "--steps", 2, *flags))
+    assert code == 0, err
+    code, out, err = run(ws.args(pieces, "--steps", 4, "--resume", "auto", *flags))
+    assert code == 0 and "Resumed from" in out, err
+    a, b = load_file(whole / "model" / "model.safetensors"), load_file(pieces / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    # resuming needs the same bank, and a bank needs negatives
+    code, _, err = run(ws.args(pieces, "--steps", 5, "--resume", "auto", "--memory-bank", 8))
+    assert code == 2 and "memory_bank: saved 4, now 8" in err
+    code, _, err = run(ws.args(tmp_path / "bad", "--steps", 1, "--memory-bank", 4, "--positives-only"))
+    assert code == 2 and "--memory-bank adds other documents' keys to memory: it needs negatives" in err
+    code, _, err = run(ws.args(tmp_path / "bad", "--steps", 1, "--memory-bank", 4, "--memory-bank-top-k", 0))
+    assert code == 2 and "--memory-bank-top-k at least 1" in err
+    assert_not_trained(tmp_path / "bad")
