@@ -150,14 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     if models is not None and not all(models.values()):
         parser.error("--models: give name=checkpoint pairs separated by commas")
 
-    import torch
-
     from longllama import demo_checkpoint
+    from longllama.cli import start
     from longllama.corpus import build_documents, read_corpus, split_documents
     from longllama.files import atomic_write_text
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args.threads)  # threads; no progress bars (weight loading's included) when stderr is not a terminal
     models = models or {"demo": demo_checkpoint()}
     try:
         held_out = read_corpus(args.corpus / "heldout.jsonl") if args.corpus else split_documents(build_documents()[0])[1]

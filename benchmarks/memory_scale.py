@@ -3,11 +3,12 @@
 A benchmark, not a test: it prints one table per figure with a target and a "met?" column, and can write the raw
 results (--json) and a plot (--plot, needs matplotlib).
 
-Model: the bundled demo model (`longllama.demo_checkpoint()`, the "small config": 4 layers, hidden 128, 4 heads and
-4 KV heads of 32, one memory layer [2], window 256, last_context_length 128, memory in float32). Prompts are
-training-style documents of `longllama.synthetic` (passkey documents with varied filler and copy lists of random
-numbers and words, `<s> text </s>` one after another), so that memory keys are varied: one repeated sentence would
-make near-duplicate keys and a meaningless recall. The same seed gives the same prompt prefix at every size.
+Model: the bundled demo model (`longllama.demo_checkpoint()`, or `--model` another of its shape; the "small config":
+4 layers, hidden 128, 4 heads and 4 KV heads of 32, one memory layer [2], window 256, last_context_length 128,
+memory in float32). Prompts are training-style documents of `longllama.synthetic` (passkey documents with varied
+filler and copy lists of random numbers and words, `<s> text </s>` one after another), so that memory keys are
+varied: one repeated sentence would make near-duplicate keys and a meaningless recall. The same seed gives the same
+prompt prefix at every size.
 
 What is measured, each memory size and each mem_dtype in a fresh interpreter (this script re-run with a hidden
 --worker argument):
@@ -64,11 +65,11 @@ MB = 1 << 20
 # ----------------------------------------------------------------------------------------------- measurements (worker)
 
 
-def load_model(mem_dtype: str | None = None):
+def load_model(path: str | None, mem_dtype: str | None = None):
     import longllama  # noqa: F401  (registers the model type)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = longllama.demo_checkpoint()
+    path = path or longllama.demo_checkpoint()
     overrides = {} if mem_dtype is None else {"mem_dtype": mem_dtype}
     model = AutoModelForCausalLM.from_pretrained(path, **overrides).eval()
     return model, AutoTokenizer.from_pretrained(path)
@@ -207,7 +208,7 @@ def measure_decode(spec: dict) -> dict:
     """Worker: one prefill of `size` tokens, then each decode mode on the same session, recall and ef sweep."""
     import torch
 
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(spec["model"])
     config = model.config
     room = config.max_position_embeddings - config.last_context_length
     if len(spec["modes"]) * (WARMUP_STEPS + spec["decode_tokens"]) > room:
@@ -233,7 +234,7 @@ def measure_bytes(spec: dict) -> dict:
     """Worker: the demo model with `mem_dtype`, one prefill of `tokens` tokens; memory bytes."""
     import torch
 
-    model, tokenizer = load_model(spec["mem_dtype"])
+    model, tokenizer = load_model(spec["model"], spec["mem_dtype"])
     ids = prompt_ids(tokenizer, spec["tokens"])
     with torch.no_grad():
         seconds, output = prefill(model, ids)
@@ -269,15 +270,16 @@ def measure(spec: dict, timeout: float | None) -> dict:
 def collect(args, sizes: list[int], bytes_tokens: int) -> dict:
     """Run every measurement; returns the raw results."""
     started = time.perf_counter()
-    results = dict(sizes=sizes, threads=args.threads, top_k=args.top_k, approx=args.approx,
+    results = dict(model=args.model, sizes=sizes, threads=args.threads, top_k=args.top_k, approx=args.approx,
                    index_options=args.index_options, decode_tokens=args.decode_tokens, bytes_tokens=bytes_tokens,
                    load_average_start=os.getloadavg(), decode={}, bytes={})
-    base = dict(threads=args.threads, top_k=args.top_k, decode_tokens=args.decode_tokens, approx=args.approx,
-                index_options=args.index_options, ef_sweep=args.ef_sweep, modes=["dense", "exact", args.approx])
+    base = dict(model=args.model, threads=args.threads, top_k=args.top_k, decode_tokens=args.decode_tokens,
+                approx=args.approx, index_options=args.index_options, ef_sweep=args.ef_sweep,
+                modes=["dense", "exact", args.approx])
     for size in sizes:
         results["decode"][size] = measure(dict(base, kind="decode", size=size), args.timeout)
     for mem_dtype in args.mem_dtypes:
-        spec = dict(kind="bytes", threads=args.threads, mem_dtype=mem_dtype, tokens=bytes_tokens)
+        spec = dict(kind="bytes", model=args.model, threads=args.threads, mem_dtype=mem_dtype, tokens=bytes_tokens)
         results["bytes"][mem_dtype] = measure(spec, args.timeout)
     results["load_average_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - started
@@ -375,7 +377,8 @@ def bytes_rows(results: dict) -> list[list[str]]:
 def report(results: dict) -> str:
     start, end = results["load_average_start"][0], results["load_average_end"][0]
     approx, k = results["approx"], results["top_k"]
-    header = (f"LongLLaMA memory-scale benchmark (demo model): torch threads={results['threads']}, "
+    model = results.get("model") or "demo model"
+    header = (f"LongLLaMA memory-scale benchmark ({model}): torch threads={results['threads']}, "
               f"cpus={os.cpu_count()}, load average {start:.1f} at start, {end:.1f} at end (timings are noisy when "
               f"it exceeds the cpus); run took {results.get('wall_s', 0) / 60:.1f} min\n")
     decode = format_table(
@@ -451,6 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "top-k), recall@k of the approximate index, and memory bytes per token for each mem_dtype.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--model", help="a LongLLaMA checkpoint of the small config (default: the bundled demo model)")
     parser.add_argument("--sizes", default="16k,64k,256k,1M",
                         help="comma-separated prompt lengths that build the memory; k = x1024, M = x1048576")
     parser.add_argument("--top-k", type=int, default=128, help="memory keys per query in the top-k modes")

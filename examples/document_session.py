@@ -21,9 +21,9 @@ lines of it that set a name to a constant far back (`    MAXLINELEN = 998`, each
 document before its end): the question is the line up to `=`, after the whole document, and the answer is right
 when the model continues it with the constant. The same questions after only the document's last window (no
 memory) show what memory adds. It needs a model whose tokenizer keeps line breaks and indentation, such as the
-real-text models of docs/demo_model.md (the bundled demo's tokenizer, trained on synthetic text, does not):
+bundled demo (version 2; version 1, `examples/demo_v1`, does not). The demo gets none right (docs/demo_model.md):
 
-    python examples/document_session.py --model examples/demo_v2_text2 --held-out xml:code --tokens 60000 --questions 12
+    python examples/document_session.py --held-out xml:code --tokens 60000 --questions 12
 """
 
 import argparse
@@ -69,7 +69,7 @@ def held_out_document(tokenizer, name: str, tokens: int) -> str:
     cut = tokenizer.decode(ids)
     if "\n" not in cut:
         raise SystemExit(f"--held-out {name}: this model's tokenizer does not keep line breaks, so the document "
-                         "has no lines to ask about; pass --model with a real-text model (e.g. examples/demo_v2_text2)")
+                         "has no lines to ask about; pass --model with a real-text model (e.g. the bundled demo)")
     return cut[: cut.rfind("\n") + 1]
 
 

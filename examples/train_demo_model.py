@@ -45,7 +45,10 @@ Version 2 (issue 20) continues from the v1 model with real text:
    earlier batches (`--memory-bank`, docs/training.md#memory-bank), the distractors kNN retrieval meets in a long
    memory.
 
-    python examples/train_demo_model.py --work demo-run --stages text2-bank
+   `text2-bank64` (100 steps) continues it with a bank of 256 windows (64k tokens) on new examples again: the
+   shipped demo model (version 2).
+
+    python examples/train_demo_model.py --work demo-run --stages text2-bank,text2-bank64 --install
 
 Every stage is a `longllama-train` run in `WORK/<stage>` that resumes where it stopped (`--resume auto`).
 """
@@ -134,6 +137,11 @@ V2_TEXT2 = Path(__file__).resolve().parent / "demo_v2_text2"
 STAGES_V2["text2-bank"] = (str(V2_TEXT2), 400, "text2b", TEXT2_FLAGS + [
     "--cross-batch-range", "31", "--memory-bank", "128", "--memory-bank-top-k", "4", "--lr", "1e-3",
     "--save-every", "100", "--keep-checkpoints", "4"])
+# then 100 steps with a bank of 256 windows (64k tokens, the longest context of benchmarks/long_context_ppl.py), on
+# new examples again
+STAGES_V2["text2-bank64"] = ("text2-bank", 100, "text2c", TEXT2_FLAGS + [
+    "--cross-batch-range", "31", "--memory-bank", "256", "--memory-bank-top-k", "4", "--lr", "1e-3",
+    "--warmup-steps", "10", "--save-every", "50", "--keep-checkpoints", "2"])
 
 
 CARD = """# LongLLaMA demo model
@@ -436,13 +444,14 @@ def main() -> None:
     parser.add_argument("--stages", default="local,copy,fot,transfer,text", help="stages to run, in order (v1: "
                         "local,copy,fot, and positives,documents for its ablation; v2: transfer,text, and "
                         "text-positives for its ablation; v2's second mix, from examples/demo_v2: text2, and "
-                        "text2-positives for its ablation; then text2-bank, from examples/demo_v2_text2; default: "
-                        "%(default)s)")
+                        "text2-positives for its ablation; from examples/demo_v2_text2: text2-bank, then "
+                        "text2-bank64, the shipped demo; default: %(default)s)")
     parser.add_argument("--v1", type=Path, help="the v1 model that `transfer` starts from (default: WORK/fot/model; "
-                        "e.g. a checkout's longllama/demo_model of before issue 20)")
-    parser.add_argument("--install", nargs="?", const="text2", choices=["fot", "text", "text2", "text2-bank"],
-                        help="copy this stage's model (default: text2, the second v2 mix; text2-bank: its memory-bank "
-                        "continuation; text: the first; fot: the v1 model) and its "
+                        "e.g. examples/demo_v1)")
+    parser.add_argument("--install", nargs="?", const="text2-bank64",
+                        choices=["fot", "text", "text2", "text2-bank", "text2-bank64"],
+                        help="copy this stage's model (default: text2-bank64, the shipped demo; text2-bank and text2: "
+                        "the stages before it; text: the first v2 mix; fot: the v1 model) and its "
                         "tokenizer into the package")
     args = parser.parse_args()
     stages = args.stages.split(",")
@@ -459,6 +468,8 @@ def main() -> None:
         prepare_text2(args.work, args.seed, V2_START)
     if "text2-bank" in stages:
         prepare_text2(args.work, args.seed, V2_START, "text2b")
+    if "text2-bank64" in stages:
+        prepare_text2(args.work, args.seed, V2_START, "text2c")
     for name in stages:
         if name in STAGES:
             train(args.work, name, args.seed, args.lr)

@@ -84,9 +84,12 @@ def write_checkpoint(model_dir: Path, tokenizer_dir: Path, out: Path, card: str 
         if last_context_length is not None or mem_top_k is not None:
             (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         shutil.copy2(tokenizer_dir / "tokenizer.model", partial / "tokenizer.model")
-        write_tokenizer_config(tokenizer_dir, partial, longllama_tokenizer=True)
-        for path in code_files() if code else []:
-            shutil.copy2(path, partial / path.name)
+        write_tokenizer_config(tokenizer_dir, partial, longllama_tokenizer=True)  # copies the tokenizer's code
+        for path in code_files():
+            if code:
+                shutil.copy2(path, partial / path.name)
+            else:
+                (partial / path.name).unlink(missing_ok=True)
         (partial / "README.md").write_text(card)
         for path in partial.iterdir():
             path.chmod(0o644)  # readable by everyone once installed (the trainer writes the weights owner-only)

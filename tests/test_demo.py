@@ -117,6 +117,9 @@ def test_write_checkpoint_replaces_the_old_one_whole(demo, tmp_path):
     assert AutoConfig.from_pretrained(out).last_context_length == 100
     assert (out / "README.md").read_text() == "# card"
     assert (out / "modeling_longllama.py").is_file() and (out / "tokenization_longllama.py").is_file()
+    # the package's own DEMO_DIR carries no code at all (demo_checkpoint adds it): not even the tokenizer's
+    write_checkpoint(path, path, tmp_path / "bare", code=False)
+    assert not list((tmp_path / "bare").glob("*.py")) and (tmp_path / "bare" / "tokenizer.model").is_file()
     copy = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.arange(1, 40)[None]
     with torch.no_grad():
