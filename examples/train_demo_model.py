@@ -164,8 +164,9 @@ Without the longllama package: `trust_remote_code=True` (the remote code is in t
 
 CARD_V2 = CARD.replace(
     "on synthetic passkey-style documents and copy lists,",
-    "on synthetic passkey-style documents and copy lists (v1), then on real text (the Python standard library's code "
-    "and prose, a few packages held out) mixed with passkey documents whose haystacks are real text (v2),",
+    "on synthetic passkey-style documents and copy lists (v1),\nthen on real text (the Python standard library's code "
+    "and prose, a few packages held out) mixed with passkey\ndocuments whose haystacks are real text, last with a "
+    "memory bank of earlier batches' keys in training (v2),",
 ).replace("It knows this synthetic text only; it is not a language model.",
           "It is a very small language model of Python code and technical English.")
 

@@ -254,9 +254,13 @@ class MemoryBank:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """What `state_dict` returned; ValueError (or KeyError) for anything else."""
         layers = sorted({int(name.split(".")[0].removeprefix("layer")) for name in state})
-        self.keys = {i: state[f"layer{i}.keys"] for i in layers}
-        self.values = {i: state[f"layer{i}.values"] for i in layers}
+        keys = {i: state[f"layer{i}.keys"] for i in layers}
+        values = {i: state[f"layer{i}.values"] for i in layers}
+        if any(keys[i].dim() != 3 or keys[i].shape != values[i].shape for i in layers):
+            raise ValueError("a memory bank holds [KV heads, tokens, head_dim] keys and values of one shape per layer")
+        self.keys, self.values = keys, values
         self.staged.clear()
 
 

@@ -359,13 +359,16 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def load_bank(path: Path, device) -> dict:
-    """A memory bank's tensors from a resumable checkpoint (safetensors: nothing is unpickled)."""
+def load_bank(bank, path: Path, device) -> None:
+    """Fill `bank` from a resumable checkpoint's `bank-rankR.safetensors` (safetensors: nothing is unpickled)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise ValueError(f"{path.parent} has no {path.name}: it was saved without --memory-bank.")
-    return load_file(path, device=str(device))
+    try:
+        bank.load_state_dict(load_file(path, device=str(device)))
+    except (OSError, SafetensorError, KeyError, ValueError) as error:
+        raise ValueError(f"{path.parent} has no whole {path.name} ({type(error).__name__}: {error}): it was saved "
+                         "without --memory-bank, or is damaged; resume from another checkpoint.") from error
 
 
 def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_seen: int, model, optimizer, scheduler,
@@ -531,8 +534,7 @@ def train(cfg: TrainConfig) -> Path:
         data_file = resume_from / f"data-rank{accelerator.process_index}.json"
         batches.load_state_dict(json.loads(data_file.read_text()))
         if bank is not None:
-            bank.load_state_dict(load_bank(resume_from / f"bank-rank{accelerator.process_index}.safetensors",
-                                           accelerator.device))
+            load_bank(bank, resume_from / f"bank-rank{accelerator.process_index}.safetensors", accelerator.device)
         step, tokens_seen = state["step"], state["tokens_seen"]
         accelerator.print(f"Resumed from {resume_from} at step {step}.")
     eval_docs = eval_documents(cfg, tokenizer, window) if cfg.eval_every else None

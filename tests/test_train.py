@@ -876,3 +876,18 @@ def test_memory_bank_run_resumes_exactly(ws, run_a, tmp_path):
     code, _, err = run(ws.args(tmp_path / "bad", "--steps", 1, "--memory-bank", 4, "--memory-bank-top-k", 0))
     assert code == 2 and "--memory-bank-top-k at least 1" in err
     assert_not_trained(tmp_path / "bad")
+
+
+def test_resume_with_a_damaged_memory_bank_is_one_line(ws, tmp_path, capsys):
+    output = tmp_path / "bank"
+    code, _, err = run(ws.args(output, "--steps", 2, "--memory-bank", 4))
+    assert code == 0, err
+    bank_file = output / "checkpoints" / "step-2" / "bank-rank0.safetensors"
+    for damage in (b"not a safetensors file", None):
+        if damage is None:
+            bank_file.unlink()
+        else:
+            bank_file.write_bytes(damage)
+        code, _, err = run(ws.args(output, "--steps", 3, "--memory-bank", 4, "--resume", "auto"))
+        assert code == 2 and "has no whole bank-rank0.safetensors" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
