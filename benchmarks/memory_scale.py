@@ -454,7 +454,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "top-k), recall@k of the approximate index, and memory bytes per token for each mem_dtype.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", help="a LongLLaMA checkpoint of the small config (default: the bundled demo model)")
+    parser.add_argument("--model", help="a LongLLaMA checkpoint of the small config, instead of the bundled demo model")
     parser.add_argument("--sizes", default="16k,64k,256k,1M",
                         help="comma-separated prompt lengths that build the memory; k = x1024, M = x1048576")
     parser.add_argument("--top-k", type=int, default=128, help="memory keys per query in the top-k modes")
