@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import THREADS_HELP, start
-from .files import atomic_directory, read_regular_file, replace_directory
+from .files import atomic_directory, read_regular_file, replace_directory, save_safetensors
 
 # torch, accelerate, the data pipeline and the model code are imported inside the functions that use them, so that the
 # command parses its arguments (and answers `--help`) before loading them.
@@ -333,9 +333,9 @@ def resolve_resume(cfg: TrainConfig, world_size: int) -> Path | None:
         raise ValueError(f"{path} is not a longllama-train checkpoint (no trainer_state.json).")
     check_no_pickles(path)
     state = read_trainer_state(path)
-    saved, now = state["config"], dataclasses.asdict(cfg)
-    defaults = dataclasses.asdict(TrainConfig())  # options newer than the checkpoint had their default
-    different = [k for k in RESUME_KEYS if saved.get(k, defaults[k]) != now.get(k)]
+    # options newer than the checkpoint count as their default there
+    saved, now = {**dataclasses.asdict(TrainConfig()), **state["config"]}, dataclasses.asdict(cfg)
+    different = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
     if different:
         detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in different)
         raise ValueError(f"Cannot resume {path}: it was made with another configuration ({detail}).")
@@ -387,10 +387,8 @@ def save_checkpoint(accelerator, cfg: TrainConfig, step: int, batches, tokens_se
                main=accelerator.is_main_process)
     (partial / f"data-rank{accelerator.process_index}.json").write_text(json.dumps(batches.state_dict()))
     if bank is not None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.cpu() for k, v in bank.state_dict().items()}, partial / f"bank-rank{accelerator.process_index}"
-                  ".safetensors")
+        bank_file = partial / f"bank-rank{accelerator.process_index}.safetensors"
+        save_safetensors({k: v.cpu() for k, v in bank.state_dict().items()}, bank_file)  # a full disk: OSError
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"format": CHECKPOINT_FORMAT, "step": step, "tokens_seen": tokens_seen,
